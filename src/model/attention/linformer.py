@@ -1,0 +1,82 @@
+"""Causal Linformer: exact attention inside the current chunk, compressed keys/values for past chunks.
+
+Linformer (Wang et al. 2020, "Linformer: Self-Attention with Linear Complexity", §4, eq. 7) projects the
+n keys and values along the sequence with E, F ∈ R^{k×n}. Every compressed slot mixes all positions,
+so used as-is in a causal LM each token sees the future, and the LM reports a falsely low loss.
+
+Causal variant used here: split the sequence into chunks of `chunk_size` = c positions. Each completed
+chunk is compressed to `k` slots (K̃ = E·K_chunk, Ṽ = F·V_chunk, E, F ∈ R^{k×c} learned, shared by all chunks
+and heads — the paper's headwise sharing). A query in chunk m attends to
+  - the k slots of every earlier chunk 0..m−1 (all strictly in its past), and
+  - the keys of its own chunk up to and including its own position, exactly (causal mask).
+No slot depends on a future token, so the model is causal by construction.
+
+Positions of slots: a slot stands for its chunk's centre (start + (c − 1)/2); a bias PE (ALiBi, KERPLE,
+FIRE) is evaluated at that representative position. Keys are rotated (RoPE) at their true positions
+before compression.
+
+Cost per layer, T = sequence length: scores T·(k·T/c + c) instead of T², i.e. O(T²·k/c + T·c) time and
+memory; for a fixed ratio k/c that is a constant-factor saving (c/k), and with c ≈ √(T·k) it is
+O(T^1.5·k^0.5).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from src.model.attention.base import ATTENTION_REGISTRY, AttentionConfig, AttentionMechanism, causal_mask
+
+
+@dataclass
+class LinformerConfig(AttentionConfig):
+    chunk_size: int = 128  # c: positions attended exactly / compressed together
+    k: int = 32  # slots each completed chunk is compressed to
+
+
+@ATTENTION_REGISTRY.register("linformer", LinformerConfig)
+class LinformerAttention(AttentionMechanism):
+    def __init__(self, cfg: LinformerConfig, model_cfg) -> None:
+        super().__init__(cfg, model_cfg)
+        if not 0 < cfg.k < cfg.chunk_size:
+            raise ValueError(
+                f"model.attention.k ({cfg.k}) must be positive and smaller than model.attention.chunk_size "
+                f"({cfg.chunk_size}), otherwise compression saves nothing"
+            )
+        # Like the paper's nn.Linear(n, k) projections; std 1/√c keeps a slot at the scale of one key.
+        self.key_proj = nn.Parameter(torch.randn(cfg.k, cfg.chunk_size) / math.sqrt(cfg.chunk_size))
+        self.value_proj = nn.Parameter(torch.randn(cfg.k, cfg.chunk_size) / math.sqrt(cfg.chunk_size))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
+        if q.size(-2) != k.size(-2):
+            raise NotImplementedError("linformer attention needs the whole sequence (no KV cache)")
+        B, H, T, D = q.shape
+        c, s = self.cfg.chunk_size, self.cfg.k
+        n = -(-T // c)  # chunks, the last one padded; padded keys lie after every real query
+        pad = n * c - T
+        qc, kc, vc = (F.pad(x, (0, 0, 0, pad)).view(B, H, n, c, D) for x in (q, k, v))
+        pos = (q_pos[0] + torch.arange(n * c, device=q.device)).view(n, c)
+
+        k_slots = torch.einsum("sc,bhncd->bhnsd", self.key_proj, kc).reshape(B, H, n * s, D)
+        v_slots = torch.einsum("sc,bhncd->bhnsd", self.value_proj, vc).reshape(B, H, n * s, D)
+        slot_pos = (pos[:, :1].float() + (c - 1) / 2).repeat_interleave(s, dim=0).view(n * s)
+        slot_chunk = torch.arange(n, device=q.device).repeat_interleave(s)
+
+        scale = 1.0 / math.sqrt(D)
+        slot_scores = (qc.reshape(B, H, n * c, D) @ k_slots.transpose(-2, -1)).view(B, H, n, c, n * s) * scale
+        local_scores = (qc @ kc.transpose(-2, -1)) * scale  # [B, H, n, c, c]
+        if pe.has_bias:
+            slot_scores = slot_scores + pe.bias_matrix(pos.view(n * c), slot_pos).view(H, n, c, n * s).to(q.dtype)
+            local_scores = local_scores + pe.bias_matrix(pos, pos).to(q.dtype)
+        # Slots of chunk j are visible to queries of chunk m iff j < m.
+        slot_visible = (slot_chunk[None, :] < torch.arange(n, device=q.device)[:, None])[:, None, :]
+        slot_scores = slot_scores.masked_fill(~slot_visible, float("-inf"))
+        local_scores = local_scores.masked_fill(~causal_mask(pos, pos), float("-inf"))
+
+        probs = torch.cat((slot_scores, local_scores), dim=-1).softmax(dim=-1)
+        probs = F.dropout(probs, p=self.dropout, training=self.training)
+        slot_probs, local_probs = probs.split((n * s, c), dim=-1)
+        out = slot_probs.reshape(B, H, n * c, n * s) @ v_slots + (local_probs @ vc).view(B, H, n * c, D)
+        return out[:, :, :T]

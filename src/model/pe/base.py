@@ -1,0 +1,62 @@
+"""The one interface every positional encoding implements.
+
+A PE can act at three places, and most use only one:
+- `embed(x, pos)`: transform the token embeddings x [B, T, C], usually by adding to them (learned, sinusoidal);
+- `rotate(x, pos)`: transform queries and keys before the dot product (RoPE);
+- `bias(h, q_pos, k_pos)`: an additive attention-score bias (ALiBi, KERPLE, FIRE).
+
+Positions are absolute token indices (float for `bias`, so a compressed Linformer slot can sit at a
+fractional representative position). `bias` works elementwise on broadcastable tensors, which lets the same
+definition serve as a FlexAttention `score_mod` and, through `bias_matrix`, as a dense bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from src.model.registry import ComponentConfig, Registry
+
+
+@dataclass
+class PEConfig(ComponentConfig):
+    pass
+
+
+PE_REGISTRY: Registry[PositionalEncoding] = Registry("positional encoding", "model/pe", "src.model.pe")
+
+
+class PositionalEncoding(nn.Module):
+    has_bias: bool = False  # True when `bias` is implemented
+    per_layer: bool = False  # True: every attention layer owns an instance (learnable per-layer biases)
+    max_positions: int | None = None  # None: extrapolates to any length
+
+    def __init__(self, cfg: PEConfig, model_cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_head = model_cfg.n_head
+
+    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+        return x
+
+    def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        """x: [B, H, T, D]; pos: [T]."""
+        return x
+
+    def bias(self, h: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} adds no attention bias")
+
+    def bias_matrix(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """Dense bias [H, ..., Tq, Tk] for q_pos [..., Tq] and k_pos [..., Tk] (same leading dims)."""
+        h = torch.arange(self.n_head, device=q_pos.device).view(-1, *([1] * q_pos.dim()), 1)
+        return self.bias(h, q_pos.float()[None, ..., :, None], k_pos.float()[None, ..., None, :])
+
+    def check_length(self, seq_end: int) -> None:
+        if self.max_positions is not None and seq_end > self.max_positions:
+            raise ValueError(
+                f"the '{self.cfg.name}' positional encoding covers {self.max_positions} positions but the "
+                f"input reaches position {seq_end}; shorten the input or use a PE that extrapolates "
+                f"(sinusoidal, rope, alibi, kerple, fire, nope)"
+            )

@@ -1,0 +1,166 @@
+"""Model core: causality, mechanism parity, HF parity, extrapolation, config errors, learning."""
+
+import math
+
+import pytest
+import torch
+
+from src.model import ATTENTION_REGISTRY, PE_REGISTRY, build_model, from_hf_gpt2
+from tests.conftest import ATTENTIONS, PES, tiny_model_cfg
+
+
+def test_every_registered_component_is_tested():
+    assert PE_REGISTRY.names() == sorted(PES)
+    assert ATTENTION_REGISTRY.names() == sorted(ATTENTIONS)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("pe", PES)
+def test_causal(pe, attention):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(pe, attention)).eval()
+    idx = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():
+        logits = model(idx)
+        for t in (0, 7, 8, 13, 30):  # chunk boundaries of Linformer's 8-token chunks included
+            changed = idx.clone()
+            changed[:, t + 1:] = torch.randint(0, 97, changed[:, t + 1:].shape)
+            changed_logits = model(changed)
+            assert torch.allclose(logits[:, : t + 1], changed_logits[:, : t + 1], atol=1e-6), f"future leaks at t={t}"
+            assert not torch.allclose(logits[:, t + 1:], changed_logits[:, t + 1:])
+
+
+@pytest.mark.parametrize("pe", PES)
+def test_flash_matches_regular(pe):
+    torch.manual_seed(0)
+    regular = build_model(tiny_model_cfg(pe, "regular"))
+    flash = build_model(tiny_model_cfg(pe, "flash"))
+    flash.load_state_dict(regular.state_dict())
+    idx = torch.randint(0, 97, (2, 32))
+    logits_r, loss_r = regular(idx, idx)
+    logits_f, loss_f = flash(idx, idx)
+    assert torch.allclose(logits_r, logits_f, atol=1e-5)
+    loss_r.backward()
+    loss_f.backward()
+    grads_f = dict(flash.named_parameters())
+    for name, p in regular.named_parameters():
+        assert torch.allclose(p.grad, grads_f[name].grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("pe", ["alibi", "kerple", "fire"])
+def test_flex_score_mod_matches_dense_bias(pe):
+    """The CUDA path's score_mod (FlexAttention forward runs on CPU without grad) equals the dense bias."""
+    from src.model.attention.flash import flex_attention_with_bias
+    from src.model.attention.regular import RegularAttention, RegularConfig
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(pe, "flash"))
+    layer_pe = model.h[0].attn.pe or model.pe
+    q, k, v = torch.randn(3, 2, 4, 32, 8).unbind(0)
+    pos = torch.arange(32)
+    with torch.no_grad():
+        expected = RegularAttention(RegularConfig(name="regular"), model.config)(q, k, v, pos, pos, layer_pe)
+        got = flex_attention_with_bias(q, k, v, pos, pos, layer_pe, compiled=False)
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+def test_linformer_within_one_chunk_is_exact_attention():
+    torch.manual_seed(0)
+    regular = build_model(tiny_model_cfg("alibi", "regular"))
+    linformer_cfg = tiny_model_cfg("alibi", "regular") | {"attention": {"name": "linformer", "chunk_size": 16, "k": 4}}
+    linformer = build_model(linformer_cfg)
+    linformer.load_state_dict(regular.state_dict(), strict=False)
+    idx = torch.randint(0, 97, (2, 16))
+    assert torch.allclose(regular(idx), linformer(idx), atol=1e-5)
+    longer = torch.randint(0, 97, (2, 32))  # second chunk sees compressed slots: no longer exact
+    assert not torch.allclose(regular(longer), linformer(longer), atol=1e-3)
+
+
+def _hf_pair(attention):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=101,
+                                     resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # non-zero biases and LayerNorm affine so the weight mapping is really checked
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return hf, from_hf_gpt2(hf, attention=attention).eval()
+
+
+@pytest.mark.parametrize("attention", ["regular", "flash"])
+def test_hf_gpt2_parity(attention):
+    hf, ours = _hf_pair(attention)
+    idx = torch.randint(0, 101, (2, 64))
+    with torch.no_grad():
+        assert torch.allclose(hf(idx).logits, ours(idx), atol=1e-4)
+
+
+def test_hf_gpt2_parity_from_state_dict():
+    hf, _ = _hf_pair("flash")
+    ours = from_hf_gpt2(hf.state_dict(), n_head=4).eval()
+    idx = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        assert torch.allclose(hf(idx).logits, ours(idx), atol=1e-4)
+
+
+@pytest.mark.parametrize("pe", [p for p in PES if p != "learned"])
+def test_extrapolating_pes_accept_longer_sequences(pe):
+    model = build_model(tiny_model_cfg(pe, "flash")).eval()
+    with torch.no_grad():
+        logits = model(torch.randint(0, 97, (1, 80)))  # 2.5x block_size
+    assert logits.shape == (1, 80, 97) and torch.isfinite(logits).all()
+
+
+def test_learned_pe_rejects_longer_sequences_clearly():
+    model = build_model(tiny_model_cfg("learned", "flash"))
+    with pytest.raises(ValueError, match="covers 32 positions"):
+        model(torch.randint(0, 97, (1, 33)))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_embd=30), "divisible by model.n_head"),
+        (dict(attention={"name": "linformer", "chunk_size": 8, "k": 8}), "smaller than model.attention.chunk_size"),
+        (dict(pe={"name": "fourier"}), "unknown positional encoding 'fourier'"),
+        (dict(pe={"name": "kerple", "variant": "cubic"}), "'log' or 'power'"),
+        (dict(pe={"name": "fire", "mlp_widht": 3}), "mlp_widht"),
+        (dict(dropout=1.5), "dropout"),
+    ],
+)
+def test_invalid_configs_fail_clearly(overrides, message):
+    with pytest.raises(Exception, match=message):
+        build_model(tiny_model_cfg("learned", "flash") | overrides)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("pe", PES)
+def test_a_few_steps_lower_the_loss(pe, attention):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(pe, attention))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 97, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    losses = []
+    for _ in range(10):
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.4, losses
+
+
+def test_gpt2_init_and_weight_tying():
+    torch.manual_seed(0)
+    model = build_model(dict(tiny_model_cfg("learned", "flash"), n_layer=4, n_embd=256, n_head=4))
+    assert model.lm_head.weight is model.wte.weight
+    assert model.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    assert model.h[0].attn.c_attn.bias.abs().max() == 0
+
+
+def test_vocab_is_padded_by_default():
+    model = build_model(dict(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 50304)
