@@ -114,6 +114,7 @@ def test_extrapolating_pes_accept_longer_sequences(pe):
 
 def test_learned_pe_rejects_longer_sequences_clearly():
     model = build_model(tiny_model_cfg("learned", "flash"))
+    assert model.max_context == 32 and build_model(tiny_model_cfg("rope", "flash")).max_context is None
     with pytest.raises(ValueError, match="covers 32 positions"):
         model(torch.randint(0, 97, (1, 33)))
 

@@ -99,6 +99,12 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def max_context(self) -> int | None:
+        """Longest sequence the PE can represent; None when it extrapolates to any length."""
+        limits = [m.max_positions for m in self.modules() if isinstance(m, PositionalEncoding) and m.max_positions]
+        return min(limits) if limits else None
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.wte.weight.numel() if non_embedding else n
