@@ -1,0 +1,54 @@
+# pegrid: the two set-up commands are `make install` and `make test` (see README).
+PYTHON ?= python
+TORCH_VERSION ?= 2.13.0
+ARGS ?=
+
+.PHONY: install train test test-fast lint prepare eval
+
+install:  ## CPU torch first (a plain `torch` pulls GBs of CUDA), then the project with its dev extras
+	$(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
+	$(PYTHON) -m pip install -e ".[dev]"
+
+train:  ## python -m src.train with Hydra overrides in ARGS, e.g. make train ARGS="model/pe=fire"
+	$(PYTHON) -m src.train $(ARGS)
+
+prepare:  ## tokenise a dataset into shards, e.g. make prepare ARGS="data=fineweb_edu"
+	$(PYTHON) -m src.data.prepare $(ARGS)
+
+eval:  ## evaluate a checkpoint, e.g. make eval ARGS="ckpt=outputs/<run>"
+	$(PYTHON) -m src.eval $(ARGS)
+
+test:  ## the whole suite, slow tests included (what CI runs)
+	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint:
+	$(PYTHON) -m ruff check src tests
+
+# ---------------------------------------------------------------------------------------------- sweeps
+# make sweep [SWEEP=grid] [PARTITION=gpu] [ACCOUNT=proj] [GPUS_PER_NODE=8] [NODES=1] [TIME_MIN=1440]
+#            [SBATCH_EXTRA='{constraint:a100}'] [ARGS="more Hydra overrides / --dry-run"]   (docs/SWEEPS.md)
+SWEEP ?= grid
+PARTITION ?=
+ACCOUNT ?=
+GPUS_PER_NODE ?=
+NODES ?=
+TIME_MIN ?=
+SBATCH_EXTRA ?=
+SWEEP_LAUNCHER_OVERRIDES = \
+	$(if $(PARTITION),hydra.launcher.partition=$(PARTITION)) \
+	$(if $(ACCOUNT),hydra.launcher.account=$(ACCOUNT)) \
+	$(if $(GPUS_PER_NODE),hydra.launcher.gpus_per_node=$(GPUS_PER_NODE) hydra.launcher.tasks_per_node=$(GPUS_PER_NODE)) \
+	$(if $(NODES),hydra.launcher.nodes=$(NODES)) \
+	$(if $(TIME_MIN),hydra.launcher.timeout_min=$(TIME_MIN)) \
+	$(if $(SBATCH_EXTRA),'hydra.launcher.additional_parameters=$(SBATCH_EXTRA)')
+
+.PHONY: sweep sweep-local
+
+sweep:  ## submit sweeps/$(SWEEP).yaml to SLURM (skips finished runs, reports progress), e.g. make sweep PARTITION=gpu
+	$(PYTHON) -m sweeps.run_sweep $(SWEEP) $(SWEEP_LAUNCHER_OVERRIDES) $(ARGS)
+
+sweep-local:  ## the tiny 2x2 grid (SWEEP=tiny) as local processes, no SLURM needed (hydra/launcher=local)
+	$(PYTHON) -m sweeps.run_sweep $(if $(filter grid,$(SWEEP)),tiny,$(SWEEP)) --launcher local $(ARGS)

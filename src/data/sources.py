@@ -1,0 +1,143 @@
+"""Document sources: each yields the same strings in the same order on every run.
+
+- embedded:    the CPython `pydoc_data.topics` help pages (79 documents, ~139k tokens), always there.
+- text_file:   a local UTF-8 file; its blank-line-separated paragraphs are the documents.
+- hf:          any `datasets.load_dataset(...)` dataset, streamed or downloaded; with hf_path=json and
+               hf_data_files=<file> it reads a local jsonl through the same code.
+- fineweb_edu: the hf source with HuggingFaceFW/fineweb-edu preset in conf/data/fineweb_edu.yaml.
+"""
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.data.config import DataConfig
+
+SOURCES = ("embedded", "text_file", "hf", "fineweb_edu")
+
+
+class DataUnavailableError(RuntimeError):
+    """The data could not be found or reached; the message says what was looked for and what to do."""
+
+
+@dataclass
+class Documents:
+    texts: Iterator[str]  # documents from the requested start on
+    count: int | None  # documents in the whole source; None for a stream of unknown length
+
+
+def describe_source(cfg: DataConfig) -> tuple[str, dict]:
+    """(readable name, identity): the identity holds everything that determines the documents."""
+    if cfg.name == "embedded":
+        return "embedded", {"source": "embedded", "sha1": _sha1("\x00".join(_embedded_documents()))}
+    if cfg.name == "text_file":
+        path = _text_file_path(cfg)
+        return f"text_file-{_slug(path.stem)}", {"source": "text_file", **_file_identity(path)}
+    if cfg.name in ("hf", "fineweb_edu"):
+        _require_hf_path(cfg)
+        name = "-".join(_slug(part) for part in ("hf", cfg.hf_path, cfg.hf_name) if part)
+        data_files = _file_identity(Path(cfg.hf_data_files)) if cfg.hf_data_files else None
+        identity = {"source": "hf", "path": cfg.hf_path, "name": cfg.hf_name, "split": cfg.hf_split,
+                    "data_files": data_files, "text_column": cfg.text_column}
+        return name, identity
+    raise ValueError(f"unknown data source {cfg.name!r}; choose one of {', '.join(SOURCES)}")
+
+
+def open_source(cfg: DataConfig, start: int = 0) -> Documents:
+    """Open the source and return its documents from index `start` on (limited to cfg.max_docs)."""
+    if cfg.name in ("hf", "fineweb_edu"):
+        return _open_hf(cfg, start)
+    texts = _embedded_documents() if cfg.name == "embedded" else _paragraphs(_text_file_path(cfg))
+    texts = texts[: cfg.max_docs]
+    return Documents(texts=iter(texts[start:]), count=len(texts))
+
+
+def _embedded_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def _text_file_path(cfg: DataConfig) -> Path:
+    if not cfg.path:
+        raise ValueError("data=text_file needs a file: add data.path=/path/to/corpus.txt")
+    path = Path(cfg.path).expanduser().absolute()
+    if not path.is_file():
+        raise DataUnavailableError(f"text file {path} does not exist or is not a file: fix data.path=...")
+    return path
+
+
+def _paragraphs(path: Path) -> list[str]:
+    paragraphs = re.split(r"\n[ \t\r]*\n", path.read_text(encoding="utf-8"))
+    return [p.strip("\r\n") for p in paragraphs if p.strip()]
+
+
+def _require_hf_path(cfg: DataConfig) -> None:
+    if not cfg.hf_path:
+        raise ValueError("data=hf needs a dataset: add data.hf_path=<hub id, or json/text/parquet>")
+
+
+def _open_hf(cfg: DataConfig, start: int) -> Documents:
+    import datasets
+
+    _require_hf_path(cfg)
+    what = cfg.hf_path + (f" ({cfg.hf_name})" if cfg.hf_name else "")
+    advice = "check your network (and HF_HUB_OFFLINE), or use data=text_file data.path=<local file>"
+    on_hub = "/" in cfg.hf_path and not os.path.exists(cfg.hf_path)
+    if on_hub and not datasets.config.HF_HUB_OFFLINE:
+        _probe_hub(f"could not reach the Hugging Face Hub for {what}: {advice}")
+    try:
+        dataset = datasets.load_dataset(cfg.hf_path, cfg.hf_name, split=cfg.hf_split,
+                                        data_files=cfg.hf_data_files, streaming=cfg.streaming)
+    except ConnectionError as error:  # also raised at once in offline mode for data not in the cache
+        raise DataUnavailableError(f"could not reach the Hugging Face Hub for {what} "
+                                   f"({_first_line(error)}): {advice}") from error
+    except FileNotFoundError as error:
+        raise DataUnavailableError(f"found no dataset {what} ({_first_line(error)}): fix data.hf_path "
+                                   f"/ data.hf_data_files, or use data=text_file data.path=<local file>"
+                                   ) from error
+    if dataset.column_names is not None and cfg.text_column not in dataset.column_names:
+        raise ValueError(f"{what} has no column {cfg.text_column!r} (it has {dataset.column_names}): "
+                         f"set data.text_column=...")
+    dataset = dataset.select_columns([cfg.text_column])
+    if cfg.max_docs is not None:
+        dataset = dataset.take(cfg.max_docs)
+    count = None if cfg.streaming else len(dataset)
+    texts = (example[cfg.text_column] for example in dataset.skip(start))
+    return Documents(texts=texts, count=count)
+
+
+def _probe_hub(message: str) -> None:
+    """Fail in well under a minute when the Hub is unreachable (datasets retries for ~25 s)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)
+    except Exception as error:  # any transport error: DNS, refused, timeout, proxy, TLS
+        raise DataUnavailableError(f"{message} ({_first_line(error)})") from error
+
+
+def _file_identity(path: Path) -> dict:
+    """A file's identity without reading it: path, size and modification time."""
+    path = path.expanduser().absolute()
+    if not path.exists():
+        return {"path": str(path)}
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60]
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

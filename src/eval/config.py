@@ -1,0 +1,69 @@
+"""The evaluation suite's contract: its config schema (Hydra group `eval`) and the metric names it reports.
+
+Registered with Hydra's ConfigStore as `eval/eval_schema`; every conf/eval/*.yaml lists it first in its
+defaults, so a misspelt key (`eval.val.num_tokns=1000`) fails at compose time, naming the key.
+Importing this module (any `import src.eval`) is what registers it: do that before composing.
+
+The metric names are read by the trainer's loggers (metrics.jsonl, W&B, summary.json) and by the
+analysis; change them here or nowhere.
+"""
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+VAL_LOSS = "val/loss"
+HELLASWAG_ACC = "hellaswag/acc"
+HELLASWAG_ACC_NORM = "hellaswag/acc_norm"
+HELLASWAG_N = "hellaswag/n"
+
+
+def extrapolation_loss_key(multiplier: int) -> str:
+    """`extrapolation/loss_x{m}`: val loss at context m x block_size (None: the PE cannot run it)."""
+    return f"extrapolation/loss_x{multiplier}"
+
+
+def extrapolation_context_key(multiplier: int) -> str:
+    """`extrapolation/context_x{m}`: the context length m x block_size that loss_x{m} was measured at."""
+    return f"extrapolation/context_x{multiplier}"
+
+
+@dataclass
+class ValConfig:
+    # fixed budget: the loss is the mean over the first num_tokens tokens of the val split, so two runs
+    # on the same data are scored on exactly the same windows whatever their batch size or world size
+    num_tokens: int = 1_048_576
+    batch_size: int = 8  # windows of block_size tokens per forward pass (per rank)
+
+
+@dataclass
+class HellaSwagConfig:
+    enabled: bool = True
+    # a local copy of hellaswag_val.jsonl; if null the file is downloaded from `url` into cache_dir once
+    path: str | None = None
+    # relative paths are relative to the cwd; left at the default, $PEGRID_DATA_DIR/hellaswag replaces
+    # it when that variable is set (one shared copy on a cluster)
+    cache_dir: str = "data_cache/hellaswag"
+    url: str = HELLASWAG_URL
+    limit: int | None = None  # score only the first `limit` of the 10,042 items (quick runs)
+    batch_size: int = 4  # items (4 sequences each) per forward pass (per rank)
+
+
+@dataclass
+class ExtrapolationConfig:
+    enabled: bool = True
+    multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # context = m x block_size
+    num_tokens: int = 262_144  # fixed token budget per context length, as val.num_tokens
+    batch_size: int = 8  # windows per forward pass at 1x; at m x it is max(1, batch_size // m)
+
+
+@dataclass
+class EvalConfig:
+    val: ValConfig = field(default_factory=ValConfig)
+    hellaswag: HellaSwagConfig = field(default_factory=HellaSwagConfig)
+    extrapolation: ExtrapolationConfig = field(default_factory=ExtrapolationConfig)
+
+
+ConfigStore.instance().store(group="eval", name="eval_schema", node=EvalConfig)

@@ -1,0 +1,43 @@
+"""The evaluation suite the trainer runs every `trainer.eval_every` steps and at the end of training.
+
+run_evaluation returns one flat dict keyed by the metric names in src/eval/config.py (the contract with
+metrics.jsonl, W&B, summary.json and the analysis). Under torch.distributed every rank must call it
+(the metrics are all-reduced) with the unwrapped model (not the DDP wrapper); all ranks get the same dict.
+"""
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from src.eval.config import VAL_LOSS, EvalConfig
+from src.eval.extrapolation import evaluate_extrapolation
+from src.eval.hellaswag import evaluate_hellaswag
+from src.eval.val_loss import evaluate_loss, val_tokens
+
+
+def eval_config(cfg: Any) -> EvalConfig:
+    """Validate an eval config (EvalConfig, the composed `eval` DictConfig, or a dict) into an EvalConfig."""
+    if isinstance(cfg, EvalConfig):
+        return cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), cfg))
+
+
+def run_evaluation(model: nn.Module, eval_cfg: Any, shard_dir: str | Path, device: str | torch.device,
+                   autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float | int | None]:
+    """val/loss, then extrapolation/* and hellaswag/* when enabled; the model's train/eval mode is kept."""
+    cfg = eval_config(eval_cfg)
+    tokens = val_tokens(shard_dir)
+    results: dict[str, float | int | None] = {
+        VAL_LOSS: evaluate_loss(model, tokens, model.config.block_size, cfg.val.num_tokens, cfg.val.batch_size,
+                                device, autocast),
+    }
+    if cfg.extrapolation.enabled:
+        results.update(evaluate_extrapolation(model, tokens, cfg.extrapolation, device, autocast))
+    if cfg.hellaswag.enabled:
+        results.update(evaluate_hellaswag(model, cfg.hellaswag, device, autocast))
+    return results

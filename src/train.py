@@ -1,0 +1,47 @@
+"""`python -m src.train [overrides]`: train one PE x attention combination (see conf/train.yaml)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import src.data  # noqa: F401  (registers the data schema)
+import src.eval.config  # noqa: F401  (registers the eval schema)
+import src.model  # noqa: F401  (registers model, PE and attention schemas)
+import src.training.config  # noqa: F401  (registers trainer and logger schemas)
+from src.training.distributed import export_submitit_env
+from src.training.trainer import train
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    export_submitit_env()  # multi-task SLURM job via hydra/launcher=slurm: RANK/WORLD_SIZE/... for DDP
+    try:
+        summary = train(cfg, run_dir)
+    except Exception as err:
+        _reraise_exit(err)
+        raise
+    log.info("run record: %s  (status %s, val/loss %s)", run_dir, summary.get("status"), summary.get("val/loss"))
+    return summary.get("val/loss")  # Hydra sweepers optimise the returned value
+
+
+def _reraise_exit(err: BaseException) -> None:
+    """submitit's USR2 handler (preemption / time limit) requeues the SLURM job and calls sys.exit() in the
+    middle of training. If cleanup code turned that SystemExit into another error, exit anyway: an error
+    would be recorded as the job's (failed) result although the requeued job resumes from its checkpoint."""
+    seen = err.__context__
+    while seen is not None:
+        if isinstance(seen, SystemExit):
+            raise seen
+        seen = seen.__context__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Structured config schemas of the `trainer` and `logger` groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    total_batch_tokens: int = 4096  # tokens per optimiser step over all ranks; micro-batches accumulate to it
+    micro_batch_size: int = 16  # sequences per forward pass per rank
+    lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1  # on >= 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    log_every: int = 10
+    eval_every: int = 100  # 0: only at the end
+    ckpt_every: int = 100  # 0: only at the end
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: str = "auto"  # auto: continue from the newest valid checkpoint in the run dir | never
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16
+    seed: int = 1337
+    progress: bool = True  # a progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.resume not in ("auto", "never"):
+            raise ValueError(f"trainer.resume must be 'auto' or 'never', got '{self.resume}'")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"trainer.dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
+        for key in ("max_steps", "total_batch_tokens", "micro_batch_size", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb (metrics.jsonl and summary.json are always written)
+    project: str = "pegrid"
+    entity: str | None = None
+    group: str | None = None  # one W&B group per sweep
+    tags: list[str] = field(default_factory=list)
+    mode: str = "online"  # online | offline | disabled
+
+    def __post_init__(self) -> None:
+        if self.name not in ("none", "wandb"):
+            raise ValueError(f"logger.name must be 'none' or 'wandb', got '{self.name}'")
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"logger.mode must be online, offline or disabled, got '{self.mode}'")
+
+
+ConfigStore.instance().store(group="trainer", name="trainer_schema", node=TrainerConfig)
+ConfigStore.instance().store(group="logger", name="logger_schema", node=LoggerConfig)

@@ -1,0 +1,77 @@
+"""The run record every run leaves in its run dir; analysis and outside tools read it.
+
+- `config.yaml`: the resolved config
+- `metrics.jsonl`: one JSON object per logged step (training rows and evaluation rows, each with `step`)
+- `summary.json`: final figures and `status` (running / finished / failed), rewritten atomically
+- `checkpoints/step_XXXXXXXX/`: see src/checkpoint.py
+The format is documented in README.md ("Run record").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; a diverged value reads as null
+    return value
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({k: _jsonable(v) for k, v in data.items()}, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class RunRecord:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.summary_path = run_dir / "summary.json"
+        self.checkpoint_dir = run_dir / "checkpoints"
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_config(self, cfg: DictConfig) -> None:
+        OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+
+    def read_summary(self) -> dict:
+        try:
+            return json.loads(self.summary_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def update_summary(self, **fields: Any) -> dict:
+        summary = self.read_summary() | fields
+        write_json_atomic(self.summary_path, summary)
+        return summary
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short when a run was killed mid-write
+        return rows
+
+    def log(self, row: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint: the resumed run logs those steps again."""
+        if not self.metrics_path.exists():
+            return
+        kept = [row for row in self.read_metrics() if row["step"] <= step]
+        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, self.metrics_path)

@@ -1,0 +1,272 @@
+"""The training loop: one run of one PE x attention combination, from config to run record.
+
+`train(cfg, run_dir)` is what `python -m src.train` calls inside Hydra's run dir; tests call it directly
+with a config from Hydra's compose API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from src.checkpoint import latest_valid_checkpoint, save_checkpoint
+from src.data import TokenLoader, ensure_prepared
+from src.eval.hellaswag import ensure_hellaswag
+from src.eval.suite import eval_config, run_evaluation
+from src.model import build_model, model_config
+from src.training.config import LoggerConfig, TrainerConfig
+from src.training.distributed import DistContext, all_reduce_mean, init_distributed, shutdown_distributed
+from src.training.flops import flops_per_token, peak_flops
+from src.training.loggers import build_logger
+from src.training.optim import build_optimizer, lr_at
+from src.training.run_record import RunRecord
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def typed(schema, node) -> object:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    # numpy's state as tensors/ints so the training state loads with torch.load(weights_only=True).
+    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
+
+
+def autocast_for(device: torch.device, dtype: str):
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def run_name_and_tags(cfg: DictConfig) -> tuple[str, list[str]]:
+    pe, attention = cfg.model.pe.name, cfg.model.attention.name
+    tags = [f"pe:{pe}", f"attention:{attention}", *cfg.logger.tags]
+    if cfg.get("sweep_name"):
+        tags.append(f"sweep:{cfg.sweep_name}")
+    return cfg.run_name, tags
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train per `cfg` (the composed train.yaml), write the run record into run_dir, return the summary."""
+    tcfg: TrainerConfig = typed(TrainerConfig, cfg.trainer)
+    lcfg: LoggerConfig = typed(LoggerConfig, cfg.logger)
+    mcfg = model_config(cfg.model)
+    dist_ctx, device = init_distributed(tcfg.device)
+    record = RunRecord(Path(run_dir))
+    try:
+        return _train(cfg, tcfg, lcfg, mcfg, dist_ctx, device, record)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistContext, device, record: RunRecord):
+    tokens_per_micro_step = tcfg.micro_batch_size * mcfg.block_size * dist_ctx.world_size
+    if tcfg.total_batch_tokens % tokens_per_micro_step:
+        raise ValueError(
+            f"trainer.total_batch_tokens ({tcfg.total_batch_tokens}) must be a multiple of micro_batch_size x "
+            f"block_size x world_size = {tokens_per_micro_step}"
+        )
+    grad_accum = tcfg.total_batch_tokens // tokens_per_micro_step
+    seed_everything(tcfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    ecfg = eval_config(cfg.eval)
+    if ecfg.hellaswag.enabled and dist_ctx.is_main:
+        ensure_hellaswag(ecfg.hellaswag)  # offline or a wrong path: fail now, not at the first evaluation
+    shard_dir = ensure_prepared(cfg.data) if dist_ctx.is_main else None
+    if dist_ctx.enabled:  # rank 0 prepares; the others wait, then find the finished shards
+        torch.distributed.barrier()
+        shard_dir = ensure_prepared(cfg.data)
+    loader = TokenLoader(shard_dir, "train", tcfg.micro_batch_size, mcfg.block_size, tcfg.seed,
+                         dist_ctx.rank, dist_ctx.world_size)
+
+    model = build_model(mcfg).to(device)
+    optimizer = build_optimizer(model, tcfg, device.type)
+    start_step, elapsed_before = 0, 0.0
+    if tcfg.resume == "auto":
+        found = latest_valid_checkpoint(record.checkpoint_dir, model)
+        if found is not None:
+            ckpt_dir, state = found
+            optimizer.load_state_dict(state["optimizer"])
+            loader.load_state_dict(state["loader"])
+            restore_rng_state(state["rng"])
+            start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+            log.info("resumed from %s (step %d)", ckpt_dir, start_step)
+    previous = record.read_summary()
+    if start_step >= tcfg.max_steps and previous.get("status") == "finished":
+        log.info("%s already finished (step %d); nothing to do", record.run_dir, start_step)
+        return previous
+    if dist_ctx.is_main:
+        if start_step:
+            record.truncate_after(start_step)
+        record.save_config(cfg)
+    train_model = torch.compile(model) if tcfg.compile else model
+    if dist_ctx.enabled:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = autocast_for(device, tcfg.dtype)
+
+    name, tags = run_name_and_tags(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger = build_logger(lcfg, record.run_dir, name, resolved, tags) if dist_ctx.is_main else build_logger(
+        LoggerConfig(name="none"), record.run_dir, name, resolved, tags)
+    flops_token = flops_per_token(model, mcfg.block_size)
+    peak = peak_flops(device)
+    summary_base = {
+        "run_name": name, "pe": mcfg.pe["name"], "attention": mcfg.attention["name"], "sweep": cfg.get("sweep_name"),
+        "seed": tcfg.seed, "num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+        "world_size": dist_ctx.world_size, "max_steps": tcfg.max_steps, "wandb_run_id": logger.run_id,
+    }
+    if dist_ctx.is_main:
+        record.update_summary(**summary_base, status="running", step=start_step)
+
+    def evaluate(step: int) -> dict:
+        metrics = run_evaluation(model, ecfg, shard_dir, device, autocast)
+        if dist_ctx.is_main:
+            record.log({"step": step, **metrics})
+            logger.log(metrics, step)
+        return metrics
+
+    def checkpoint(step: int, elapsed: float) -> None:
+        if dist_ctx.is_main:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                     "rng": rng_state(), "elapsed_s": elapsed}
+            save_checkpoint(record.checkpoint_dir, step, model, OmegaConf.to_container(OmegaConf.structured(mcfg)),
+                            state, tcfg.keep_last)
+
+    step, last_loss, eval_metrics, exit_code = start_step, float("nan"), {}, 1
+    started = time.perf_counter()
+    bar = tqdm(total=tcfg.max_steps, initial=start_step, desc=name, disable=not (tcfg.progress and dist_ctx.is_main),
+               dynamic_ncols=True)
+    try:
+        window_tokens, window_time = 0, 0.0
+        while step < tcfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, tcfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+                sync = micro == grad_accum - 1 or not dist_ctx.enabled
+                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+                    _, loss = train_model(x, y)
+                    loss = loss / grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            loss_value = all_reduce_mean(loss_sum, dist_ctx).item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {step + 1}; the last good checkpoint is kept in "
+                    f"{record.checkpoint_dir} (lower trainer.lr or raise trainer.warmup_steps)"
+                )
+            max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            step += 1
+            last_loss = loss_value
+            window_tokens += tcfg.total_batch_tokens
+            window_time += dt
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+            if dist_ctx.is_main and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
+                tokens_per_s = window_tokens / window_time
+                row = {
+                    "step": step, "tokens": step * tcfg.total_batch_tokens, "train/loss": loss_value, "train/lr": lr,
+                    "train/grad_norm": norm.item(), "perf/tokens_per_s": tokens_per_s,
+                    "perf/mfu": tokens_per_s * flops_token / peak if peak else None,
+                    "perf/step_time_ms": 1000 * window_time / (window_tokens / tcfg.total_batch_tokens),
+                    "perf/peak_mem_mb": peak_memory_mb(device),
+                    "time/elapsed_s": elapsed_before + time.perf_counter() - started,
+                }
+                record.log(row)
+                logger.log(row, step)
+                window_tokens, window_time = 0, 0.0
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.max_steps:
+                eval_metrics = evaluate(step)
+            if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
+                checkpoint(step, elapsed_before + time.perf_counter() - started)
+        bar.close()
+        eval_metrics = evaluate(step)
+        checkpoint(step, elapsed_before + time.perf_counter() - started)
+        exit_code = 0
+        status, error = "finished", None
+    except (KeyboardInterrupt, Exception) as err:
+        bar.close()
+        status, error = "failed", f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        summary = dict(summary_base, status=status, step=step)  # what non-main ranks return
+        if dist_ctx.is_main:
+            elapsed = elapsed_before + time.perf_counter() - started
+            summary = record.update_summary(
+                **summary_base, status=status, error=error, step=step, tokens=step * tcfg.total_batch_tokens,
+                **{"train/loss": last_loss}, **eval_metrics, **{"time/elapsed_s": elapsed},
+                **_perf_summary(record),
+            )
+            logger.summary(summary)
+            logger.finish(exit_code)
+    return summary
+
+
+def _perf_summary(record: RunRecord) -> dict:
+    """Median throughput / MFU and the peak memory over the logged training rows."""
+    rows = [r for r in record.read_metrics() if "perf/tokens_per_s" in r]
+    if not rows:
+        return {}
+
+    def median(key):
+        values = sorted(r[key] for r in rows if r.get(key) is not None)
+        return values[len(values) // 2] if values else None
+    return {"perf/tokens_per_s": median("perf/tokens_per_s"), "perf/mfu": median("perf/mfu"),
+            "perf/peak_mem_mb": max(r["perf/peak_mem_mb"] for r in rows)}

@@ -1,0 +1,38 @@
+"""Compose real training configs with Hydra's compose API for tests."""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import src.data  # noqa: F401
+import src.eval.config  # noqa: F401
+import src.model  # noqa: F401
+import src.training.config  # noqa: F401
+from tests.conftest import ROOT
+
+
+def tiny_overrides(data_dir, steps: int = 2, extra: list[str] = ()) -> list[str]:
+    """A tiny model for `steps` steps on the embedded corpus, with a quick evaluation."""
+    return [
+        "model=tiny",
+        f"data.cache_dir={data_dir}",
+        f"trainer.max_steps={steps}",
+        "trainer.total_batch_tokens=128",
+        "trainer.micro_batch_size=4",
+        "trainer.warmup_steps=1",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        f"trainer.ckpt_every={steps}",
+        "trainer.progress=false",
+        "eval=offline",
+        "eval.val.num_tokens=2048",
+        "eval.extrapolation.multipliers=[1,2]",
+        "eval.extrapolation.num_tokens=2048",
+        *extra,
+    ]
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name="train", overrides=overrides)
