@@ -23,24 +23,9 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
     export_submitit_env()  # multi-task SLURM job via hydra/launcher=slurm: RANK/WORLD_SIZE/... for DDP
-    try:
-        summary = train(cfg, run_dir)
-    except Exception as err:
-        _reraise_exit(err)
-        raise
+    summary = train(cfg, run_dir)
     log.info("run record: %s  (status %s, val/loss %s)", run_dir, summary.get("status"), summary.get("val/loss"))
     return summary.get("val/loss")  # Hydra sweepers optimise the returned value
-
-
-def _reraise_exit(err: BaseException) -> None:
-    """submitit's USR2 handler (preemption / time limit) requeues the SLURM job and calls sys.exit() in the
-    middle of training. If cleanup code turned that SystemExit into another error, exit anyway: an error
-    would be recorded as the job's (failed) result although the requeued job resumes from its checkpoint."""
-    seen = err.__context__
-    while seen is not None:
-        if isinstance(seen, SystemExit):
-            raise seen
-        seen = seen.__context__
 
 
 if __name__ == "__main__":

@@ -165,3 +165,20 @@ def test_gpt2_init_and_weight_tying():
 def test_vocab_is_padded_by_default():
     model = build_model(dict(n_layer=1, n_head=2, n_embd=16, block_size=8))
     assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 50304)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("pe", PES)
+def test_kv_cached_decoding_matches_the_full_forward(pe, attention):
+    """Prefill, then one token at a time through the KV cache: the same logits as one full pass."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(pe, attention)).eval()
+    length = 32 if pe == "learned" else 45  # past block_size and across several Linformer chunks
+    idx = torch.randint(0, 97, (2, length))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_kv_cache()
+        steps = [model(idx[:, :11], kv_cache=cache)]
+        steps += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(11, length)]
+    assert cache.length == length
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)

@@ -209,3 +209,14 @@ def test_hellaswag_unavailable_fails_before_training(data_dir, tmp_path):
     with pytest.raises(HellaSwagUnavailableError, match="eval.hellaswag.enabled=false"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_wandb_logger_path_runs_with_wandb_disabled(data_dir, tmp_path):
+    """The real W&B code path (init, define_metric, log, summary, finish) with mode=disabled: no network."""
+    cfg = compose_train(tiny_overrides(data_dir, extra=["logger=wandb", "logger.mode=disabled",
+                                                        "sweep_name=unit", "run_name=wandb-run"]))
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "finished" and summary["sweep"] == "unit"
+    run_id = (tmp_path / "wandb_run_id.txt").read_text()
+    assert summary["wandb_run_id"] == run_id
+    assert train(cfg, tmp_path)["wandb_run_id"] == run_id  # a resumed run keeps its W&B id

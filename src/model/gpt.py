@@ -14,13 +14,15 @@ from torch import Tensor, nn
 
 from src.model.attention import ATTENTION_REGISTRY, AttentionMechanism
 from src.model.config import ModelConfig
+from src.model.kv_cache import KVCache
 from src.model.pe import PE_REGISTRY, PositionalEncoding
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mechanism: AttentionMechanism, own_pe: PositionalEncoding | None):
+    def __init__(self, cfg: ModelConfig, layer: int, mechanism: AttentionMechanism,
+                 own_pe: PositionalEncoding | None):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.layer, self.n_head = layer, cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True
@@ -28,12 +30,17 @@ class CausalSelfAttention(nn.Module):
         self.pe = own_pe  # per-layer PE parameters (KERPLE, FIRE); None: the model's shared PE is used
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, pos: Tensor, shared_pe: PositionalEncoding | None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, shared_pe: PositionalEncoding | None,
+                kv_cache: KVCache | None) -> Tensor:
         pe = self.pe if self.pe is not None else shared_pe
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
         q, k = pe.rotate(q, pos), pe.rotate(k, pos)
-        y = self.mechanism(q, k, v, pos, pos, pe)
+        k_pos = pos
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+            k_pos = torch.arange(k.size(-2), device=x.device)
+        y = self.mechanism(q, k, v, pos, k_pos, pe)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -51,15 +58,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mechanism: AttentionMechanism, own_pe: PositionalEncoding | None):
+    def __init__(self, cfg: ModelConfig, layer: int, mechanism: AttentionMechanism,
+                 own_pe: PositionalEncoding | None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg, mechanism, own_pe)
+        self.attn = CausalSelfAttention(cfg, layer, mechanism, own_pe)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, pos: Tensor, shared_pe: PositionalEncoding | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), pos, shared_pe)
+    def forward(self, x: Tensor, pos: Tensor, shared_pe: PositionalEncoding | None,
+                kv_cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), pos, shared_pe, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -75,8 +84,8 @@ class GPT(nn.Module):
         self.pe = None if pe_cls.per_layer else pe_cls(pe_cfg, cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(
-            Block(cfg, attn_cls(attn_cfg, cfg), pe_cls(pe_cfg, cfg) if pe_cls.per_layer else None)
-            for _ in range(cfg.n_layer)
+            Block(cfg, layer, attn_cls(attn_cfg, cfg), pe_cls(pe_cfg, cfg) if pe_cls.per_layer else None)
+            for layer in range(cfg.n_layer)
         )
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -109,15 +118,25 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wte.weight.numel() if non_embedding else n
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None):
-        """idx [B, T] token ids -> logits [B, T, vocab]; with targets [B, T] -> (logits, mean CE loss)."""
-        pos = torch.arange(idx.size(1), device=idx.device)
+    def new_kv_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None):
+        """idx [B, T] token ids -> logits [B, T, vocab]; with targets [B, T] -> (logits, mean CE loss).
+
+        With a `kv_cache` the tokens continue the cached sequence (positions from `kv_cache.length` on) and
+        their keys/values are appended; the logits equal those of one forward pass over the whole sequence.
+        """
+        start = kv_cache.length if kv_cache is not None else 0
+        pos = torch.arange(start, start + idx.size(1), device=idx.device)
         x = self.wte(idx)
         if self.pe is not None:
             x = self.pe.embed(x, pos)
         x = self.drop(x)
         for block in self.h:
-            x = block(x, pos, self.pe)
+            x = block(x, pos, self.pe, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += idx.size(1)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits

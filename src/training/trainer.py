@@ -40,7 +40,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def typed(schema, node) -> object:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    # Resolve first: interpolations such as logger.group=${sweep_name} point outside the node.
+    resolved = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), resolved))
 
 
 def seed_everything(seed: int) -> None:
@@ -181,6 +183,9 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
                             state, tcfg.keep_last)
 
     step, last_loss, eval_metrics, exit_code = start_step, float("nan"), {}, 1
+    # A SystemExit (submitit's preemption / time-limit handler requeues the job, then exits) leaves the run
+    # "running": the requeued job resumes it from its checkpoint.
+    status, error = "running", None
     started = time.perf_counter()
     bar = tqdm(total=tcfg.max_steps, initial=start_step, desc=name, disable=not (tcfg.progress and dist_ctx.is_main),
                dynamic_ncols=True)

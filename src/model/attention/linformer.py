@@ -15,6 +15,9 @@ Positions of slots: a slot stands for its chunk's centre (start + (c − 1)/2); 
 FIRE) is evaluated at that representative position. Keys are rotated (RoPE) at their true positions
 before compression.
 
+With a KV cache (decoding), the queries are the last positions of the cached keys, and the same rule is
+applied by masks over all slots and all cached keys (`_attend_to_cache`): O(T_new · T) per step.
+
 Cost per layer, T = sequence length: scores T·(k·T/c + c) instead of T², i.e. O(T²·k/c + T·c) time and
 memory; for a fixed ratio k/c that is a constant-factor saving (c/k), and with c ≈ √(T·k) it is
 O(T^1.5·k^0.5).
@@ -49,20 +52,28 @@ class LinformerAttention(AttentionMechanism):
         self.key_proj = nn.Parameter(torch.randn(cfg.k, cfg.chunk_size) / math.sqrt(cfg.chunk_size))
         self.value_proj = nn.Parameter(torch.randn(cfg.k, cfg.chunk_size) / math.sqrt(cfg.chunk_size))
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
-        if q.size(-2) != k.size(-2):
-            raise NotImplementedError("linformer attention needs the whole sequence (no KV cache)")
-        B, H, T, D = q.shape
+    def _slots(self, k: Tensor, v: Tensor, first_pos: Tensor) -> tuple[Tensor, ...]:
+        """Chunked keys/values [B, H, n, c, D] (last chunk zero-padded), their compressed slots
+        [B, H, n·k, D], each slot's representative position and chunk index."""
+        B, H, T, D = k.shape
         c, s = self.cfg.chunk_size, self.cfg.k
-        n = -(-T // c)  # chunks, the last one padded; padded keys lie after every real query
-        pad = n * c - T
-        qc, kc, vc = (F.pad(x, (0, 0, 0, pad)).view(B, H, n, c, D) for x in (q, k, v))
-        pos = (q_pos[0] + torch.arange(n * c, device=q.device)).view(n, c)
-
+        n = -(-T // c)  # padded keys lie after every real query, so the mask hides them
+        kc, vc = (F.pad(x, (0, 0, 0, n * c - T)).view(B, H, n, c, D) for x in (k, v))
         k_slots = torch.einsum("sc,bhncd->bhnsd", self.key_proj, kc).reshape(B, H, n * s, D)
         v_slots = torch.einsum("sc,bhncd->bhnsd", self.value_proj, vc).reshape(B, H, n * s, D)
-        slot_pos = (pos[:, :1].float() + (c - 1) / 2).repeat_interleave(s, dim=0).view(n * s)
-        slot_chunk = torch.arange(n, device=q.device).repeat_interleave(s)
+        chunk = torch.arange(n, device=k.device).repeat_interleave(s)
+        slot_pos = first_pos + chunk * c + (c - 1) / 2
+        return kc, vc, k_slots, v_slots, slot_pos, chunk
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
+        if q.size(-2) != k.size(-2):
+            return self._attend_to_cache(q, k, v, q_pos, k_pos, pe)
+        B, H, T, D = q.shape
+        c, s = self.cfg.chunk_size, self.cfg.k
+        kc, vc, k_slots, v_slots, slot_pos, slot_chunk = self._slots(k, v, k_pos[0])
+        n = kc.size(2)
+        qc = F.pad(q, (0, 0, 0, n * c - T)).view(B, H, n, c, D)
+        pos = (q_pos[0] + torch.arange(n * c, device=q.device)).view(n, c)
 
         scale = 1.0 / math.sqrt(D)
         slot_scores = (qc.reshape(B, H, n * c, D) @ k_slots.transpose(-2, -1)).view(B, H, n, c, n * s) * scale
@@ -80,3 +91,21 @@ class LinformerAttention(AttentionMechanism):
         slot_probs, local_probs = probs.split((n * s, c), dim=-1)
         out = slot_probs.reshape(B, H, n * c, n * s) @ v_slots + (local_probs @ vc).view(B, H, n * c, D)
         return out[:, :, :T]
+
+    def _attend_to_cache(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
+        """Queries at the last positions of the cached keys (k_pos = 0..T−1): the same visibility rule."""
+        c = self.cfg.chunk_size
+        _, _, k_slots, v_slots, slot_pos, slot_chunk = self._slots(k, v, k_pos[0])
+        scale = 1.0 / math.sqrt(q.size(-1))
+        slot_scores = (q @ k_slots.transpose(-2, -1)) * scale  # [B, H, Tq, n·k]
+        local_scores = (q @ k.transpose(-2, -1)) * scale  # [B, H, Tq, T]
+        if pe.has_bias:
+            slot_scores = slot_scores + pe.bias_matrix(q_pos, slot_pos).to(q.dtype)
+            local_scores = local_scores + pe.bias_matrix(q_pos, k_pos).to(q.dtype)
+        q_chunk = ((q_pos - k_pos[0]) // c)[:, None]
+        slot_scores = slot_scores.masked_fill(~(slot_chunk[None, :] < q_chunk), float("-inf"))
+        same_chunk = ((k_pos - k_pos[0]) // c)[None, :] == q_chunk
+        local_scores = local_scores.masked_fill(~(same_chunk & causal_mask(q_pos, k_pos)), float("-inf"))
+        probs = torch.cat((slot_scores, local_scores), dim=-1).softmax(dim=-1)
+        slot_probs, local_probs = probs.split((slot_scores.size(-1), local_scores.size(-1)), dim=-1)
+        return slot_probs @ v_slots + local_probs @ v
