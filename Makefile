@@ -52,3 +52,9 @@ sweep:  ## submit sweeps/$(SWEEP).yaml to SLURM (skips finished runs, reports pr
 
 sweep-local:  ## the tiny 2x2 grid (SWEEP=tiny) as local processes, no SLURM needed (hydra/launcher=local)
 	$(PYTHON) -m sweeps.run_sweep $(if $(filter grid,$(SWEEP)),tiny,$(SWEEP)) --launcher local $(ARGS)
+
+# ---------------------------------------------------------------------------------------------- analysis
+.PHONY: report
+
+report:  ## tables, figures and report.md comparing runs, e.g. make report ARGS="--runs outputs" (docs/ANALYSIS.md)
+	$(PYTHON) -m analysis.compare $(ARGS)
