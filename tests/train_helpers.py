@@ -26,9 +26,9 @@ def tiny_overrides(data_dir, steps: int = 2, extra: list[str] = ()) -> list[str]
         f"trainer.ckpt_every={steps}",
         "trainer.progress=false",
         "eval=offline",
-        "eval.val.num_tokens=2048",
+        "eval.val.num_tokens=512",
         "eval.extrapolation.multipliers=[1,2]",
-        "eval.extrapolation.num_tokens=2048",
+        "eval.extrapolation.num_tokens=512",
         *extra,
     ]
 
