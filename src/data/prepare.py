@@ -27,12 +27,13 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from src.data.config import DataConfig, resolve_cache_dir
 from src.data.sources import DataUnavailableError, describe_source, open_source
 from src.data.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
+from src.structured import to_dataclass
 
 SPLITS = ("train", "val")
 
@@ -55,9 +56,7 @@ def load_meta(shard_dir: str | Path) -> dict:
 
 def ensure_prepared(cfg: DataConfig | DictConfig | dict) -> Path:
     """prepare() for a Hydra `data` node (what the trainer holds); returns the shard directory."""
-    if not isinstance(cfg, DataConfig):
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg))
-    return prepare(cfg)
+    return prepare(to_dataclass(DataConfig, cfg))
 
 
 def prepare(cfg: DataConfig) -> Path:

@@ -11,20 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from src.eval.config import VAL_LOSS, EvalConfig
 from src.eval.extrapolation import evaluate_extrapolation
 from src.eval.hellaswag import evaluate_hellaswag
 from src.eval.val_loss import evaluate_loss, val_tokens
+from src.structured import to_dataclass
 
 
 def eval_config(cfg: Any) -> EvalConfig:
     """Validate an eval config (EvalConfig, the composed `eval` DictConfig, or a dict) into an EvalConfig."""
-    if isinstance(cfg, EvalConfig):
-        return cfg
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), cfg))
+    return to_dataclass(EvalConfig, cfg)
 
 
 def run_evaluation(model: nn.Module, eval_cfg: Any, shard_dir: str | Path, device: str | torch.device,

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from src.model.config import ModelConfig
 from src.model.gpt import GPT
+from src.structured import to_dataclass
 
 
 def model_config(cfg: Any) -> ModelConfig:
     """Validate a model config (ModelConfig, DictConfig or dict) into a typed ModelConfig."""
-    if isinstance(cfg, ModelConfig):
-        return cfg
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg)
-    return OmegaConf.to_object(merged)
+    return to_dataclass(ModelConfig, cfg)
 
 
 def build_model(cfg: Any) -> GPT:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+
+from src.structured import to_dataclass
 
 T = TypeVar("T")
 
@@ -63,15 +64,4 @@ class Registry(Generic[T]):
         if name not in self._entries:
             raise ValueError(f"unknown {self.kind} '{name}'; choose one of: {', '.join(self.names())}")
         config_cls, module_cls = self._entries[name]
-        if isinstance(cfg, config_cls):
-            return cfg, module_cls
-        merged = OmegaConf.merge(OmegaConf.structured(config_cls), _as_container(cfg))
-        return OmegaConf.to_object(merged), module_cls
-
-
-def _as_container(cfg: Any) -> Any:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if hasattr(cfg, "__dataclass_fields__"):
-        return OmegaConf.structured(cfg)
-    return cfg
+        return to_dataclass(config_cls, cfg), module_cls

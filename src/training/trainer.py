@@ -25,6 +25,7 @@ from src.data import TokenLoader, ensure_prepared
 from src.eval.hellaswag import ensure_hellaswag
 from src.eval.suite import eval_config, run_evaluation
 from src.model import build_model, model_config
+from src.structured import to_dataclass
 from src.training.config import LoggerConfig, TrainerConfig
 from src.training.distributed import DistContext, all_reduce_mean, init_distributed, shutdown_distributed
 from src.training.flops import flops_per_token, peak_flops
@@ -37,12 +38,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-def typed(schema, node) -> object:
-    # Resolve first: interpolations such as logger.group=${sweep_name} point outside the node.
-    resolved = OmegaConf.to_container(node, resolve=True)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), resolved))
 
 
 def seed_everything(seed: int) -> None:
@@ -95,8 +90,8 @@ def run_name_and_tags(cfg: DictConfig) -> tuple[str, list[str]]:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train per `cfg` (the composed train.yaml), write the run record into run_dir, return the summary."""
-    tcfg: TrainerConfig = typed(TrainerConfig, cfg.trainer)
-    lcfg: LoggerConfig = typed(LoggerConfig, cfg.logger)
+    tcfg = to_dataclass(TrainerConfig, cfg.trainer)
+    lcfg = to_dataclass(LoggerConfig, cfg.logger)
     mcfg = model_config(cfg.model)
     dist_ctx, device = init_distributed(tcfg.device)
     record = RunRecord(Path(run_dir))
