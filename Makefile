@@ -3,11 +3,11 @@ PYTHON ?= python
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: install train test test-fast lint prepare eval
+.PHONY: install train test test-fast lint prepare eval bench
 
-install:  ## CPU torch first (a plain `torch` pulls GBs of CUDA), then the project with its dev extras
+install:  ## CPU torch first (a plain `torch` pulls GBs of CUDA), then the project with its dev + chat extras
 	$(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,chat]"
 
 train:  ## python -m src.train with Hydra overrides in ARGS, e.g. make train ARGS="model/pe=fire"
 	$(PYTHON) -m src.train $(ARGS)
@@ -17,6 +17,9 @@ prepare:  ## tokenise a dataset into shards, e.g. make prepare ARGS="data=finewe
 
 eval:  ## evaluate a checkpoint, e.g. make eval ARGS="ckpt=outputs/<run>"
 	$(PYTHON) -m src.eval $(ARGS)
+
+bench:  ## CPU quick benchmark vs HF GPT-2 (outputs/bench/); the GPU grid: make bench ARGS="--out outputs/bench-gpu"
+	$(PYTHON) -m src.bench $(if $(ARGS),$(ARGS),--quick)
 
 test:  ## the whole suite, slow tests included (what CI runs)
 	$(PYTHON) -m pytest -q
