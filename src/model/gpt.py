@@ -91,6 +91,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (GPT-2, Press & Wolf 2017)
         self._init_gpt2_weights()
+        self._position_encodings = [m for m in self.modules() if isinstance(m, PositionalEncoding)]
 
     def _init_gpt2_weights(self) -> None:
         # PEs and attention mechanisms initialise their own parameters as their papers do.
@@ -111,7 +112,7 @@ class GPT(nn.Module):
     @property
     def max_context(self) -> int | None:
         """Longest sequence the PE can represent; None when it extrapolates to any length."""
-        limits = [m.max_positions for m in self.modules() if isinstance(m, PositionalEncoding) and m.max_positions]
+        limits = [pe.max_positions for pe in self._position_encodings if pe.max_positions]
         return min(limits) if limits else None
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -128,6 +129,8 @@ class GPT(nn.Module):
         their keys/values are appended; the logits equal those of one forward pass over the whole sequence.
         """
         start = kv_cache.length if kv_cache is not None else 0
+        for pe in self._position_encodings:
+            pe.prepare(start + idx.size(1))
         pos = torch.arange(start, start + idx.size(1), device=idx.device)
         x = self.wte(idx)
         if self.pe is not None:

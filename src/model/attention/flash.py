@@ -51,7 +51,8 @@ class FlashAttention(AttentionMechanism):
             if self.cfg.use_flex and q.is_cuda and dropout_p == 0.0:
                 return flex_attention_with_bias(q, k, v, q_pos, k_pos, pe, compiled=True)
             bias = pe.bias_matrix(q_pos, k_pos).to(q.dtype)
-            mask = bias.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))
+            # 4-D [1, H, Tq, Tk]: with a 3-D mask the CPU SDPA falls back to its slow math kernel.
+            mask = bias.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))[None]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         if q.size(-2) == k.size(-2):  # no KV cache: queries and keys share positions
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)

@@ -38,6 +38,11 @@ class PositionalEncoding(nn.Module):
         self.cfg = cfg
         self.n_head = model_cfg.n_head
 
+    def prepare(self, seq_end: int) -> None:
+        """Called before each forward pass with the end position (a Python int, so no GPU sync or compile
+        graph break): check the length, grow tables."""
+        self.check_length(seq_end)
+
     def embed(self, x: Tensor, pos: Tensor) -> Tensor:
         return x
 

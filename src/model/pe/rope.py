@@ -34,10 +34,11 @@ class RoPE(PositionalEncoding):
         self.register_buffer("cos", angles.cos().float(), persistent=False)  # [L, D/2]
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
+    def prepare(self, seq_end: int) -> None:
+        if seq_end > self.cos.shape[0]:
+            self._grow(max(seq_end, 2 * self.cos.shape[0]))
+
     def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
-        end = int(pos.max()) + 1
-        if end > self.cos.shape[0]:
-            self._grow(max(end, 2 * self.cos.shape[0]))
         cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)  # [T, D/2]
         x_even, x_odd = x.unflatten(-1, (-1, 2)).unbind(-1)
         rotated = (x_even * cos - x_odd * sin, x_even * sin + x_odd * cos)

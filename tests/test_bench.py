@@ -1,0 +1,78 @@
+"""The benchmark harness (src/bench.py, src/benchmark/): outputs and bookkeeping, never timings."""
+
+import json
+
+import matplotlib.image
+import pytest
+import torch
+from conftest import ATTENTIONS, PES
+
+from src import bench
+from src.benchmark.memory import step_peak_mib
+from src.benchmark.peer import PEER_NAME, PeerGPT2
+from src.model import build_model, model_config
+
+TINY = ["--quick", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab-size", "97",
+        "--linformer-chunk", "8", "--linformer-k", "2", "--batch", "2", "--repeats", "2", "--steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    status = bench.main(TINY + ["--context", "16", "32", "--out", str(out)])
+    return status, out
+
+
+def test_quick_mode_writes_a_row_per_combination_and_the_peer(quick_run):
+    status, out = quick_run
+    assert status == 0
+    result = json.loads((out / "bench.json").read_text())
+    rows = result["results"]
+    expected = {(pe, attention, T) for pe in PES for attention in ATTENTIONS for T in (16, 32)}
+    ours = [r for r in rows if r["model"] == "pegrid"]
+    assert {(r["pe"], r["attention"], r["context"]) for r in ours} == expected and len(ours) == len(expected)
+    peers = [r for r in rows if r["model"] == PEER_NAME]
+    assert sorted(r["context"] for r in peers) == [16, 32]
+    for r in rows:
+        assert r["error"] is None
+        assert r["tokens_per_s"] > 0 and len(r["tokens_per_s_rounds"]) == (2 * 21 if r in peers else 2)
+        assert r["mfu"] is None  # CPU: no peak FLOP/s to divide by
+        assert r["step_mem_mib"] is not None and r["state_mem_mib"] > 0
+        assert (r["vs_peer"] is None) == (r in peers)
+    assert result["meta"]["threads"] == 1 and len(result["meta"]["load_avg_after"]) == 3
+
+
+def test_quick_mode_writes_markdown_and_png(quick_run):
+    _, out = quick_run
+    md = (out / "bench.md").read_text()
+    assert md.count(f"| {PEER_NAME} |") == 2
+    assert "| off | 32 | 2 | fire+linformer |" in md
+    assert matplotlib.image.imread(out / "bench.png").shape[-1] in (3, 4)
+
+
+def test_peer_has_our_architecture():
+    """learned+flash vs the peer is the apples-to-apples pair: the same parameters and the same FLOPs."""
+    cfg = model_config(bench.model_cfg(bench.parse_args(TINY + ["--context", "32"]), "learned", "flash"))
+    ours, peer = build_model(cfg), PeerGPT2(cfg)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in peer.parameters())
+    from src.training.flops import flops_per_token
+
+    assert peer.flops_per_token(32) == flops_per_token(ours, 32)
+    idx = torch.randint(cfg.vocab_size, (2, 32))
+    logits, loss = peer(idx, idx)
+    assert logits.shape == (2, 32, cfg.vocab_size) and loss.shape == ()
+
+
+def test_cpu_step_memory_sees_a_torch_allocation():
+    mib = step_peak_mib(lambda: torch.ones(64, 2**20).sum(), torch.device("cpu"))  # a 256 MiB tensor
+    assert 240 < mib < 400
+
+
+def test_a_failing_combination_is_reported_not_fatal(tmp_path):
+    """An OOM at one long context must not cost the rest of a GPU grid; an invalid Linformer config stands in."""
+    status = bench.main(TINY + ["--pes", "nope", "--attentions", "linformer", "--linformer-k", "8",
+                                "--context", "16", "--out", str(tmp_path)])
+    assert status == 1
+    row = json.loads((tmp_path / "bench.json").read_text())["results"][0]
+    assert row["tokens_per_s"] is None and row["error"].startswith("ValueError")
+    assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
