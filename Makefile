@@ -22,7 +22,7 @@ bench:  ## CPU quick benchmark vs HF GPT-2 (outputs/bench/); the GPU grid: make 
 	$(PYTHON) -m src.bench $(if $(ARGS),$(ARGS),--quick)
 
 test:  ## the whole suite, slow tests included (what CI runs)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=10
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
