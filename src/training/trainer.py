@@ -29,7 +29,7 @@ from src.structured import to_dataclass
 from src.training.config import LoggerConfig, TrainerConfig
 from src.training.distributed import DistContext, all_reduce_mean, init_distributed, shutdown_distributed
 from src.training.flops import flops_per_token, peak_flops
-from src.training.loggers import build_logger
+from src.training.loggers import NoLogger, build_logger
 from src.training.optim import build_optimizer, lr_at
 from src.training.run_record import RunRecord
 
@@ -151,8 +151,7 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
 
     name, tags = run_name_and_tags(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = build_logger(lcfg, record.run_dir, name, resolved, tags) if dist_ctx.is_main else build_logger(
-        LoggerConfig(name="none"), record.run_dir, name, resolved, tags)
+    logger = build_logger(lcfg, record.run_dir, name, resolved, tags) if dist_ctx.is_main else NoLogger()
     flops_token = flops_per_token(model, mcfg.block_size)
     peak = peak_flops(device)
     summary_base = {
