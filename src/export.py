@@ -15,9 +15,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from src.atomic import atomic_write_json
 from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, find_checkpoint_dir, load_model
 from src.model_store import LoadedModel, read_summary
-from src.training.run_record import write_json_atomic
 
 _METRIC_NAMES = {
     "val/loss": "validation loss (nats/token)",
@@ -121,7 +121,7 @@ def export(run_dir: str | Path, out_dir: str | Path, license: str = "mit") -> Pa
         shutil.copyfile(ckpt_dir / name, out_dir / name)
     if (run_dir / "config.yaml").is_file():
         shutil.copyfile(run_dir / "config.yaml", out_dir / "config.yaml")
-    write_json_atomic(out_dir / "summary.json", summary)
+    atomic_write_json(out_dir / "summary.json", summary)
     (out_dir / "README.md").write_text(model_card(loaded, license))
     return out_dir
 

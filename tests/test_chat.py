@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from src.atomic import atomic_write_json
 from src.chat import main as chat_main
 from src.checkpoint import load_model, save_checkpoint
 from src.data.tokenizer import EOT_TOKEN, get_tokenizer
@@ -28,7 +29,6 @@ from src.export import main as export_main
 from src.generate import Conversation, SamplingConfig, context_window, decode_stream, generate_tokens, sample
 from src.model import build_model
 from src.model_store import ModelStore, discover_models, load
-from src.training.run_record import write_json_atomic
 from src.training.trainer import train
 from tests.conftest import ATTENTIONS, PES, ROOT, tiny_model_cfg
 from tests.train_helpers import compose_train, tiny_overrides
@@ -54,7 +54,7 @@ def fake_run(run_dir: Path, cfg: dict, seed: int = 0) -> Path:
     """A run dir as training leaves it (checkpoint + summary.json), with an untrained model: fast to make."""
     torch.manual_seed(seed)
     save_checkpoint(run_dir / "checkpoints", 1, build_model(cfg), cfg, {}, keep_last=1)
-    write_json_atomic(run_dir / "summary.json", {"pe": cfg["pe"]["name"], "attention": cfg["attention"]["name"],
+    atomic_write_json(run_dir / "summary.json", {"pe": cfg["pe"]["name"], "attention": cfg["attention"]["name"],
                                                  "run_name": run_dir.name, "step": 1, "val/loss": 10.8})
     return run_dir
 

@@ -136,7 +136,7 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path, monkeypatch, 
     clean_dir = prepare(DataConfig(cache_dir=str(tmp_path / "clean"), **{**settings, "num_proc": 1}))
 
     cfg = DataConfig(cache_dir=str(tmp_path / "resumed"), **settings)
-    real_write, shards_written = prepare_module._atomic_write, []
+    real_write, shards_written = prepare_module.atomic_write, []
 
     def write_then_crash(path, data):
         if path.suffix == ".bin":
@@ -145,7 +145,7 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path, monkeypatch, 
             shards_written.append(path.name)
         real_write(path, data)
 
-    monkeypatch.setattr(prepare_module, "_atomic_write", write_then_crash)
+    monkeypatch.setattr(prepare_module, "atomic_write", write_then_crash)
     with pytest.raises(Interrupted):
         prepare(cfg)
     out_dir = prepare_module.dataset_dir(cfg)
@@ -154,7 +154,7 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path, monkeypatch, 
     assert progress["next_doc"] > 0
     finished = {name: (out_dir / name).stat().st_mtime_ns for name in shards_written}
 
-    monkeypatch.setattr(prepare_module, "_atomic_write", real_write)
+    monkeypatch.setattr(prepare_module, "atomic_write", real_write)
     real_open, starts = prepare_module.open_source, []
     monkeypatch.setattr(prepare_module, "open_source",
                         lambda cfg, start: starts.append(start) or real_open(cfg, start=start))

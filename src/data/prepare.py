@@ -30,6 +30,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from src.atomic import atomic_write
 from src.data.config import DataConfig, resolve_cache_dir
 from src.data.sources import DataUnavailableError, describe_source, open_source
 from src.data.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
@@ -179,10 +180,10 @@ class _ShardWriter:
     def _flush(self, split: str, next_doc: int, doc_offset: int) -> None:
         progress = self.progress
         shard_name = f"{split}_{len(progress.shards[split]):06d}.bin"
-        _atomic_write(self.out_dir / shard_name, self.buffer[: self.filled])
+        atomic_write(self.out_dir / shard_name, self.buffer[: self.filled])
         progress.shards[split].append(self.filled)
         progress.next_doc, progress.doc_offset, progress.split = next_doc, doc_offset, split
-        _atomic_write(self.progress_path, json.dumps(asdict(progress)).encode())
+        atomic_write(self.progress_path, json.dumps(asdict(progress)).encode())
         self.filled = 0
 
 
@@ -199,17 +200,7 @@ def _write_meta(cfg: DataConfig, out_dir: Path, progress: _Progress) -> None:
     meta = {"dataset_key": out_dir.name, "source": name, "identity": identity, "layout": _layout(cfg),
             "tokenizer": "gpt2", "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN, "dtype": "uint16",
             "splits": splits, "complete": True}
-    _atomic_write(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
-
-
-def _atomic_write(path: Path, data) -> None:
-    """Write bytes (or a contiguous array) so that `path` is either absent or complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
 
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="prepare")

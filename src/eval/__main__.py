@@ -6,22 +6,20 @@ comes from the run's own data config, <run_dir>/config.yaml. Results are printed
 (other keys there are kept). On CUDA the model runs under bf16 autocast, as in training.
 """
 
-import json
-import os
 import sys
-import tempfile
-from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from src.atomic import atomic_write_json
 from src.checkpoint import CheckpointError, load_model
 from src.data import DataUnavailableError, ensure_prepared
 from src.eval.hellaswag import HellaSwagUnavailableError, ensure_hellaswag
 from src.eval.suite import run_evaluation
+from src.training.distributed import resolve_device
+from src.training.run_record import RunRecord
+from src.training.trainer import autocast_for
 
 
 class RunConfigError(RuntimeError):
@@ -44,21 +42,6 @@ def run_data_config(run_dir: Path) -> DictConfig:
     return data_cfg
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write atomically (temp file + rename): readers see the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def merge_into_summary(path: Path, results: dict) -> None:
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    if not isinstance(summary, dict):
-        raise RunConfigError(f"{path} is not a JSON object; not overwriting it")
-    write_json(path, {**summary, **results})
-
-
 def print_table(results: dict) -> None:
     width = max(len(name) for name in results)
     for name, value in results.items():
@@ -69,20 +52,18 @@ def print_table(results: dict) -> None:
 def evaluate(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise CheckpointError("say which model to evaluate: python -m src.eval ckpt=<run dir or checkpoint dir>")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device, local_rank=0)
     model, ckpt_dir = load_model(cfg.ckpt, device)
     run_dir = run_dir_of(Path(cfg.ckpt), ckpt_dir)
     data_cfg = run_data_config(run_dir)
     if cfg.eval.hellaswag.enabled:
         ensure_hellaswag(cfg.eval.hellaswag)  # fail in seconds when offline, before any work is done
     shard_dir = ensure_prepared(data_cfg)
-    bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if bf16 else nullcontext
-    results = run_evaluation(model, cfg.eval, shard_dir, device, autocast)
+    results = run_evaluation(model, cfg.eval, shard_dir, device, autocast_for(device, "auto"))
     print(f"{ckpt_dir} on {device}:")
     print_table(results)
-    write_json(ckpt_dir / "eval.json", results)
-    merge_into_summary(run_dir / "summary.json", results)
+    atomic_write_json(ckpt_dir / "eval.json", results)
+    RunRecord(run_dir).update_summary(**results)
     print(f"wrote {ckpt_dir / 'eval.json'} and {run_dir / 'summary.json'}")
 
 

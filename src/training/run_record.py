@@ -10,24 +10,12 @@ The format is documented in README.md ("Run record").
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN/inf; a diverged value reads as null
-    return value
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({k: _jsonable(v) for k, v in data.items()}, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+from src.atomic import atomic_write, atomic_write_json, json_safe
 
 
 class RunRecord:
@@ -49,7 +37,7 @@ class RunRecord:
 
     def update_summary(self, **fields: Any) -> dict:
         summary = self.read_summary() | fields
-        write_json_atomic(self.summary_path, summary)
+        atomic_write_json(self.summary_path, summary)
         return summary
 
     def read_metrics(self) -> list[dict]:
@@ -65,13 +53,11 @@ class RunRecord:
 
     def log(self, row: dict) -> None:
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+            f.write(json.dumps({k: json_safe(v) for k, v in row.items()}) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint: the resumed run logs those steps again."""
         if not self.metrics_path.exists():
             return
         kept = [row for row in self.read_metrics() if row["step"] <= step]
-        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, self.metrics_path)
+        atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
