@@ -220,3 +220,22 @@ def test_wandb_logger_path_runs_with_wandb_disabled(data_dir, tmp_path):
     run_id = (tmp_path / "wandb_run_id.txt").read_text()
     assert summary["wandb_run_id"] == run_id
     assert train(cfg, tmp_path)["wandb_run_id"] == run_id  # a resumed run keeps its W&B id
+
+
+def test_gpt2_124m_experiment_preset_composes_to_the_build_nanogpt_recipe():
+    cfg = compose_train(["experiment=gpt2_124m_fineweb", "model/pe=alibi"])
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (12, 12, 768, 1024)
+    assert cfg.model.pe.name == "alibi" and cfg.data.name == "fineweb_edu" and cfg.logger.name == "wandb"
+    t = cfg.trainer
+    assert (t.total_batch_tokens, t.lr, t.warmup_steps, t.max_steps) == (524288, 6e-4, 715, 19073)
+    assert t.max_steps * t.total_batch_tokens == pytest.approx(10e9, rel=0.001)  # 10B tokens
+    model = build_model(cfg.model)
+    assert 123e6 < model.num_params(non_embedding=False) < 125e6  # GPT-2 124M (vocab padded to 50304)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["trainer.compile=true"], ["trainer.dtype=bfloat16", "model/pe=fire"]])
+def test_compiled_and_bf16_autocast_runs(extra, data_dir, tmp_path):
+    """The GPU recipe's switches (torch.compile, bf16 autocast) also work on CPU, end to end."""
+    summary = train(compose_train(tiny_overrides(data_dir, extra=extra)), tmp_path)
+    assert summary["status"] == "finished" and math.isfinite(summary["val/loss"])
