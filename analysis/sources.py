@@ -14,7 +14,6 @@ with the run id and is what figures and tables show.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -26,6 +25,7 @@ import pandas as pd
 import yaml
 
 from analysis.metrics import SUMMARY_METRICS
+from src.training.run_record import RunRecord
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
@@ -167,25 +167,6 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short when the run was killed mid-write
-    return rows
-
-
 def _read_config(path: Path) -> dict:
     try:
         return yaml.safe_load(path.read_text()) or {}
@@ -201,10 +182,11 @@ def _display_path(path: Path) -> str:
 
 
 def load_local_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
-    summary = _read_json(run_dir / SUMMARY_FILE)
+    record = RunRecord(run_dir)
+    summary = record.read_summary()
     config = _read_config(run_dir / CONFIG_FILE)
     run_id = _display_path(run_dir)
-    history = history_frame(run_id, _read_metrics(run_dir / METRICS_FILE))
+    history = history_frame(run_id, record.read_metrics())
     identity = {
         "run_id": run_id,
         "name": _first_present(summary.get("run_name"), config.get("run_name"), run_dir.name),

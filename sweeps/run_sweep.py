@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shlex
 import shutil
@@ -163,11 +162,14 @@ def groups_to_launch(params: dict[str, list[str]], todo: list[Combo]) -> list[di
     return [{keys[0]: firsts, **dict(zip(keys[1:], rest))} for rest, firsts in by_rest.items()]
 
 
+def run_summary(combo: Combo) -> dict:
+    from src.training.run_record import RunRecord  # imported late, like the schemas above
+
+    return RunRecord(combo.run_dir).read_summary()
+
+
 def run_status(combo: Combo) -> str:
-    try:
-        return json.loads((combo.run_dir / "summary.json").read_text()).get("status", "pending")
-    except (OSError, ValueError):
-        return "pending"
+    return run_summary(combo).get("status", "pending")
 
 
 def slurm_states(job_name: str) -> Counter:
@@ -243,10 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"sweep {name}: {len(failed)} of {len(combos)} runs did not finish:", flush=True)
     for combo in failed:
-        try:
-            error = json.loads((combo.run_dir / "summary.json").read_text()).get("error")
-        except (OSError, ValueError):
-            error = "no run record (failed before training; see the launch log)"
+        error = run_summary(combo).get(
+            "error", "no run record (failed before training; see the launch log)")
         print(f"  FAILED {combo.label}: {combo.run_dir}: {error}", flush=True)
     for proc, log_path in procs:
         if proc.returncode:

@@ -24,9 +24,9 @@ class RunRecord:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.summary_path = run_dir / "summary.json"
         self.checkpoint_dir = run_dir / "checkpoints"
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     def save_config(self, cfg: DictConfig) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
 
     def read_summary(self) -> dict:

@@ -7,10 +7,12 @@ with a config from Hydra's compose API.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -95,6 +97,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     mcfg = model_config(cfg.model)
     dist_ctx, device = init_distributed(tcfg.device)
     record = RunRecord(Path(run_dir))
+    record.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _train(cfg, tcfg, lcfg, mcfg, dist_ctx, device, record)
     finally:
@@ -169,14 +172,18 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
             logger.log(metrics, step)
         return metrics
 
-    def checkpoint(step: int, elapsed: float) -> None:
+    def elapsed() -> float:  # wall-clock seconds over all attempts of this run
+        return elapsed_before + time.perf_counter() - started
+
+    model_config_dict = dataclasses.asdict(mcfg)
+
+    def checkpoint(step: int) -> None:
         if dist_ctx.is_main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                     "rng": rng_state(), "elapsed_s": elapsed}
-            save_checkpoint(record.checkpoint_dir, step, model, OmegaConf.to_container(OmegaConf.structured(mcfg)),
-                            state, tcfg.keep_last)
+                     "rng": rng_state(), "elapsed_s": elapsed()}
+            save_checkpoint(record.checkpoint_dir, step, model, model_config_dict, state, tcfg.keep_last)
 
-    step, last_loss, eval_metrics, exit_code = start_step, float("nan"), {}, 1
+    step, last_loss, eval_metrics = start_step, float("nan"), {}
     # A SystemExit (submitit's preemption / time-limit handler requeues the job, then exits) leaves the run
     # "running": the requeued job resumes it from its checkpoint.
     status, error = "running", None
@@ -226,7 +233,7 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
                     "perf/mfu": tokens_per_s * flops_token / peak if peak else None,
                     "perf/step_time_ms": 1000 * window_time / (window_tokens / tcfg.total_batch_tokens),
                     "perf/peak_mem_mb": peak_memory_mb(device),
-                    "time/elapsed_s": elapsed_before + time.perf_counter() - started,
+                    "time/elapsed_s": elapsed(),
                 }
                 record.log(row)
                 logger.log(row, step)
@@ -234,27 +241,25 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.max_steps:
                 eval_metrics = evaluate(step)
             if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
-                checkpoint(step, elapsed_before + time.perf_counter() - started)
+                checkpoint(step)
         bar.close()
         eval_metrics = evaluate(step)
-        checkpoint(step, elapsed_before + time.perf_counter() - started)
-        exit_code = 0
-        status, error = "finished", None
+        checkpoint(step)
+        status = "finished"
     except (KeyboardInterrupt, Exception) as err:
-        bar.close()
         status, error = "failed", f"{type(err).__name__}: {err}"
         raise
     finally:
+        bar.close()
         summary = dict(summary_base, status=status, step=step)  # what non-main ranks return
         if dist_ctx.is_main:
-            elapsed = elapsed_before + time.perf_counter() - started
             summary = record.update_summary(
                 **summary_base, status=status, error=error, step=step, tokens=step * tcfg.total_batch_tokens,
-                **{"train/loss": last_loss}, **eval_metrics, **{"time/elapsed_s": elapsed},
+                **{"train/loss": last_loss}, **eval_metrics, **{"time/elapsed_s": elapsed()},
                 **_perf_summary(record),
             )
             logger.summary(summary)
-            logger.finish(exit_code)
+            logger.finish(0 if status == "finished" else 1)
     return summary
 
 
@@ -265,7 +270,7 @@ def _perf_summary(record: RunRecord) -> dict:
         return {}
 
     def median(key):
-        values = sorted(r[key] for r in rows if r.get(key) is not None)
-        return values[len(values) // 2] if values else None
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return statistics.median_high(values) if values else None
     return {"perf/tokens_per_s": median("perf/tokens_per_s"), "perf/mfu": median("perf/mfu"),
             "perf/peak_mem_mb": max(r["perf/peak_mem_mb"] for r in rows)}
