@@ -336,14 +336,20 @@ link_etc_conf() {
 }
 
 # ---------------------------------------------------------------------------------------------- slurm
-start_slurmdbd() {
-    if pid_alive "$RUN/slurmdbd.pid"; then
-        log "slurmdbd already running"
+# start_daemon NAME PORT: run the slurm daemon NAME (it daemonises, writing $RUN/NAME.pid) unless it runs.
+start_daemon() {
+    local name=$1 port=$2
+    if pid_alive "$RUN/$name.pid"; then
+        log "$name already running"
     else
-        tcp_open 6819 && die "port 6819 (slurmdbd) is already in use by another process"
-        log "starting slurmdbd"
-        slurmdbd
+        tcp_open "$port" && die "port $port ($name) is already in use by another process"
+        log "starting $name"
+        "$name"
     fi
+}
+
+start_slurmdbd() {
+    start_daemon slurmdbd 6819
     wait_for "slurmdbd on TCP 6819" "$LOGS/slurmdbd.log" tcp_open 6819
 }
 
@@ -359,25 +365,13 @@ register_cluster() {
 
 start_slurmctld() {
     install -d -m 0755 "$STATE_DIR/slurmctld"
-    if pid_alive "$RUN/slurmctld.pid"; then
-        log "slurmctld already running"
-    else
-        tcp_open 6817 && die "port 6817 (slurmctld) is already in use by another process"
-        log "starting slurmctld"
-        slurmctld
-    fi
+    start_daemon slurmctld 6817
     wait_for "slurmctld (scontrol ping)" "$LOGS/slurmctld.log" bash -c 'scontrol ping | grep -q "is UP"'
 }
 
 start_slurmd() {
     install -d -m 0755 "$STATE_DIR/slurmd"
-    if pid_alive "$RUN/slurmd.pid"; then
-        log "slurmd already running"
-    else
-        tcp_open 6818 && die "port 6818 (slurmd) is already in use by another process"
-        log "starting slurmd"
-        slurmd
-    fi
+    start_daemon slurmd 6818
 }
 
 node_idle() {
