@@ -47,10 +47,12 @@ def test_flash_matches_regular(pe):
         assert torch.allclose(p.grad, grads_f[name].grad, atol=1e-5), name
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("pe", ["alibi", "kerple", "fire"])
-def test_flex_score_mod_matches_dense_bias(pe):
-    """The CUDA path's score_mod (FlexAttention forward runs on CPU without grad) equals the dense bias."""
-    from src.model.attention.flash import flex_attention_with_bias
+def test_flex_score_mod_matches_dense_bias(pe, compiled):
+    """The CUDA path's score_mod (FlexAttention forward runs on CPU without grad) equals the dense bias;
+    compiled, as on CUDA, it must also lower (Inductor rejects reductions inside a score_mod)."""
+    from src.model.attention.flex import flex_attention_with_bias
     from src.model.attention.regular import RegularAttention, RegularConfig
 
     torch.manual_seed(0)
@@ -60,7 +62,24 @@ def test_flex_score_mod_matches_dense_bias(pe):
     pos = torch.arange(32)
     with torch.no_grad():
         expected = RegularAttention(RegularConfig(name="regular"), model.config)(q, k, v, pos, pos, layer_pe)
-        got = flex_attention_with_bias(q, k, v, pos, pos, layer_pe, compiled=False)
+        got = flex_attention_with_bias(q, k, v, pos, pos, layer_pe, lambda qi, ki: pos[ki] <= pos[qi], compiled)
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("pe", ["learned", "rope", "alibi", "fire"])
+def test_linformer_flex_path_matches_the_explicit_one(pe, compiled):
+    """The CUDA path (one FlexAttention call over slots + keys) gives the explicit path's numbers, forward on
+    CPU; 3.5 chunks so that slots, the partial last chunk and the chunk boundaries are all exercised."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(pe, "regular") | {"attention": {"name": "linformer", "chunk_size": 16, "k": 4}})
+    layer_pe = model.h[0].attn.pe or model.pe
+    mechanism = model.h[0].attn.mechanism
+    q, k, v = torch.randn(3, 2, 4, 56, 8).unbind(0)
+    pos = torch.arange(56)
+    with torch.no_grad():
+        expected = mechanism(q, k, v, pos, pos, layer_pe)
+        got = mechanism._flex_forward(q, k, v, pos, pos, layer_pe, compiled=compiled)
     assert torch.allclose(expected, got, atol=1e-5)
 
 

@@ -87,7 +87,7 @@ def test_kerple_bias_shape_sign_and_formula(variant):
     assert (bias[:, 5, 0] < bias[:, 5, 3]).all()  # monotone: farther is penalised more
 
 
-def test_fire_bias_matches_the_formula_and_elementwise_form():
+def test_fire_bias_matches_the_formula():
     torch.manual_seed(0)
     pe = _pe("fire")
     q_pos, k_pos = torch.arange(700.0), torch.arange(700.0)
@@ -99,10 +99,33 @@ def test_fire_bias_matches_the_formula_and_elementwise_form():
     for i, j in ((600, 100), (10, 3)):
         x = torch.tensor([[psi(i - j) / (psi(max(512, i)) + 1e-6)]])
         assert torch.allclose(bias[:, i, j], pe.mlp(x)[0], atol=1e-5)
-    h = torch.arange(4).view(4, 1, 1)
-    elementwise = pe.bias(h, q_pos[:50, None][None], k_pos[None, :50][None])
-    assert torch.allclose(elementwise, bias[:, :50, :50], atol=1e-5)
     assert pe.c.requires_grad and pe.L_multiplier.requires_grad
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fire_linear_pieces_equal_the_mlp_in_values_and_gradients(seed):
+    torch.manual_seed(seed)
+    pe = _pe("fire")
+    with torch.no_grad():  # trained-looking weights, and units with w1 = 0 (constant on / off)
+        for p in pe.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        pe.mlp[0].weight[:2] = 0.0
+        pe.mlp[0].bias[:2] = torch.tensor([0.7, -0.3])
+    q_pos, k_pos = torch.arange(600.0), torch.arange(600.0)
+    weights = torch.randn(4, 600, 600)
+
+    def values_and_grads(bias_fn):
+        pe.zero_grad()
+        bias = bias_fn()
+        (bias * weights).sum().backward()
+        return bias.detach(), {name: p.grad.clone() for name, p in pe.named_parameters()}
+
+    got, got_grads = values_and_grads(lambda: pe.bias_matrix(q_pos, k_pos))
+    x = lambda: pe.normalized_distance(q_pos[:, None], k_pos[None, :])  # noqa: E731
+    expected, expected_grads = values_and_grads(lambda: pe.mlp(x()[..., None]).movedim(-1, 0))
+    assert torch.allclose(got, expected, atol=1e-5)
+    for name, grad in expected_grads.items():
+        assert torch.allclose(got_grads[name], grad, rtol=1e-3, atol=1e-3 * grad.abs().max()), name
 
 
 def test_bias_pes_have_per_layer_parameters():

@@ -1,20 +1,20 @@
 """Fused attention: PyTorch's `scaled_dot_product_attention`, and FlexAttention for bias PEs on CUDA.
 
 - No bias (learned, sinusoidal, rope, nope): SDPA with `is_causal` (FlashAttention-2 kernels on GPU).
-- Bias PEs on CUDA: compiled FlexAttention with the PE's elementwise `bias` as `score_mod` and a causal
-  block mask, so no [B, H, T, T] bias is materialised (Dong et al. 2024, "Flex Attention").
+- Bias PEs on CUDA: compiled FlexAttention with the PE's elementwise `score_mod_bias` and a causal block
+  mask, so no [B, H, T, T] bias is materialised (Dong et al. 2024, "Flex Attention"); FIRE looks its
+  bias up in one batch-independent [H, T, T] table per layer.
 - Bias PEs elsewhere: FlexAttention has no backward on CPU (torch 2.13), so SDPA with a float mask
   (bias + causal −inf) that gives the same numbers, fused but with an [H, T, T] bias.
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from src.model.attention.base import ATTENTION_REGISTRY, AttentionConfig, AttentionMechanism, causal_mask
+from src.model.attention.flex import flex_applies, flex_attention_with_bias
 
 
 @dataclass
@@ -22,34 +22,15 @@ class FlashConfig(AttentionConfig):
     use_flex: bool = True  # FlexAttention for bias PEs when on CUDA
 
 
-@lru_cache(maxsize=1)
-def compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def flex_attention_with_bias(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe, compiled: bool):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + pe.bias(h, q_pos[q_idx].float(), k_pos[kv_idx].float()).to(score.dtype)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return k_pos[kv_idx] <= q_pos[q_idx]
-
-    block_mask = create_block_mask(mask_mod, None, None, q.size(-2), k.size(-2), device=q.device)
-    attend = compiled_flex_attention() if compiled else flex_attention
-    return attend(q, k, v, score_mod=score_mod, block_mask=block_mask)
-
-
 @ATTENTION_REGISTRY.register("flash", FlashConfig)
 class FlashAttention(AttentionMechanism):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
         dropout_p = self.dropout if self.training else 0.0
         if pe.has_bias:
-            if self.cfg.use_flex and q.is_cuda and dropout_p == 0.0:
-                return flex_attention_with_bias(q, k, v, q_pos, k_pos, pe, compiled=True)
+            if flex_applies(self.cfg.use_flex, q, dropout_p):
+                return flex_attention_with_bias(
+                    q, k, v, q_pos, k_pos, pe, visible=lambda q_idx, kv_idx: k_pos[kv_idx] <= q_pos[q_idx]
+                )
             bias = pe.bias_matrix(q_pos, k_pos).to(q.dtype)
             # 4-D [1, H, Tq, Tk]: with a 3-D mask the CPU SDPA falls back to its slow math kernel.
             mask = bias.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))[None]

@@ -15,6 +15,10 @@ Positions of slots: a slot stands for its chunk's centre (start + (c − 1)/2); 
 FIRE) is evaluated at that representative position. Keys are rotated (RoPE) at their true positions
 before compression.
 
+On CUDA (training and prefill) the same rule runs as one FlexAttention call over [all slots; all keys]:
+the block mask skips the future slots and every key outside the query's chunk, so the kernel computes
+about T·(k·T/(2c) + c) scores, fused, instead of T²/2 (flash).
+
 With a KV cache (decoding), the queries are the last positions of the cached keys, and the same rule is
 applied by masks over all slots and all cached keys (`_attend_to_cache`): O(T_new · T) per step.
 
@@ -31,12 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.model.attention.base import ATTENTION_REGISTRY, AttentionConfig, AttentionMechanism, causal_mask
+from src.model.attention.flex import flex_applies, flex_attention_with_bias
 
 
 @dataclass
 class LinformerConfig(AttentionConfig):
     chunk_size: int = 128  # c: positions attended exactly / compressed together
     k: int = 32  # slots each completed chunk is compressed to
+    use_flex: bool = True  # one fused FlexAttention call on CUDA
 
 
 @ATTENTION_REGISTRY.register("linformer", LinformerConfig)
@@ -68,6 +74,8 @@ class LinformerAttention(AttentionMechanism):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
         if q.size(-2) != k.size(-2):
             return self._attend_to_cache(q, k, v, q_pos, k_pos, pe)
+        if flex_applies(self.cfg.use_flex, q, self.dropout if self.training else 0.0):
+            return self._flex_forward(q, k, v, q_pos, k_pos, pe)
         B, H, T, D = q.shape
         c, s = self.cfg.chunk_size, self.cfg.k
         kc, vc, k_slots, v_slots, slot_pos, slot_chunk = self._slots(k, v, k_pos[0])
@@ -91,6 +99,24 @@ class LinformerAttention(AttentionMechanism):
         slot_probs, local_probs = probs.split((n * s, c), dim=-1)
         out = slot_probs.reshape(B, H, n * c, n * s) @ v_slots + (local_probs @ vc).view(B, H, n * c, D)
         return out[:, :, :T]
+
+    def _flex_forward(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe,
+                      compiled: bool = True) -> Tensor:
+        """`forward`'s rule as one fused call: keys = [slots of every chunk; the T keys]."""
+        c = self.cfg.chunk_size
+        _, _, k_slots, v_slots, slot_pos, slot_chunk = self._slots(k, v, k_pos[0])
+        n_slots = slot_chunk.numel()
+        key_chunk = torch.cat((slot_chunk, torch.arange(k.size(-2), device=k.device) // c))
+
+        def visible(q_idx, kv_idx):
+            q_chunk = q_idx // c
+            earlier_chunk_slot = (kv_idx < n_slots) & (key_chunk[kv_idx] < q_chunk)
+            own_chunk_key = (kv_idx >= n_slots) & (key_chunk[kv_idx] == q_chunk) & (kv_idx - n_slots <= q_idx)
+            return earlier_chunk_slot | own_chunk_key
+
+        key_pos = torch.cat((slot_pos, k_pos.to(slot_pos.dtype)))
+        return flex_attention_with_bias(q, torch.cat((k_slots, k), dim=2), torch.cat((v_slots, v), dim=2),
+                                        q_pos, key_pos, pe, visible, compiled)
 
     def _attend_to_cache(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
         """Queries at the last positions of the cached keys (k_pos = 0..T−1): the same visibility rule."""

@@ -3,11 +3,12 @@
 A PE can act at three places, and most use only one:
 - `embed(x, pos)`: transform the token embeddings x [B, T, C], usually by adding to them (learned, sinusoidal);
 - `rotate(x, pos)`: transform queries and keys before the dot product (RoPE);
-- `bias(h, q_pos, k_pos)`: an additive attention-score bias (ALiBi, KERPLE, FIRE).
+- `bias(h, q_pos, k_pos)`: an additive attention-score bias (ALiBi, KERPLE), or `bias_matrix` for a bias
+  with no cheap closed form (FIRE).
 
 Positions are absolute token indices (float for `bias`, so a compressed Linformer slot can sit at a
 fractional representative position). `bias` works elementwise on broadcastable tensors, which lets the same
-definition serve as a FlexAttention `score_mod` and, through `bias_matrix`, as a dense bias.
+definition serve as a FlexAttention `score_mod` (`score_mod_bias`) and, through `bias_matrix`, as a dense bias.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class PositionalEncoding(nn.Module):
         """Dense bias [H, ..., Tq, Tk] for q_pos [..., Tq] and k_pos [..., Tk] (same leading dims)."""
         h = torch.arange(self.n_head, device=q_pos.device).view(-1, *([1] * q_pos.dim()), 1)
         return self.bias(h, q_pos.float()[None, ..., :, None], k_pos.float()[None, ..., None, :])
+
+    def score_mod_bias(self, q_pos: Tensor, k_pos: Tensor):
+        """The bias as a function of (head, query index, key index) for FlexAttention's `score_mod`; it must be
+        elementwise (no reductions). Default: the closed form, so no [H, Tq, Tk] bias is materialised."""
+        return lambda h, q_idx, kv_idx: self.bias(h, q_pos[q_idx].float(), k_pos[kv_idx].float())
 
     def check_length(self, seq_end: int) -> None:
         if self.max_positions is not None and seq_end > self.max_positions:

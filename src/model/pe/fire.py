@@ -5,6 +5,12 @@ with f_θ an MLP (1 → width → ReLU → n_head, one output per head), learnab
 threshold L = |multiplier · L_init| (L_init = 512, multiplier init 1), as in the paper's reference code.
 Normalising by the query position makes the inputs lie in [0, 1] at any length, which is how FIRE
 extrapolates. One instance per layer.
+
+Evaluation: a ReLU MLP of one scalar is piecewise linear, with a kink where each hidden unit switches on
+(x = −b₁ₖ/w₁ₖ). So f_θ is rebuilt every forward pass as `width + 1` segments (slope and intercept per head,
+differentiable in the MLP's weights) and each (i, j) pair costs a binary search and two table lookups,
+instead of a [T, T, width] hidden tensor forward and backward. Same values and gradients as running the MLP
+(tested), ~4× less memory kept for the backward pass.
 """
 
 from dataclasses import dataclass
@@ -42,13 +48,31 @@ class FIRE(PositionalEncoding):
         threshold = torch.abs(self.L_multiplier * self.init_L)
         return psi(q_pos - k_pos) / (psi(torch.maximum(q_pos, threshold)) + self.cfg.eps)
 
-    def bias(self, h: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        # Elementwise form for FlexAttention's score_mod: evaluates the MLP for head h only.
+    def mlp_segments(self) -> tuple[Tensor, Tensor, Tensor]:
+        """f_θ as linear pieces: sorted kinks [width] and per-segment slope, intercept [width + 1, H].
+        Segment s covers (kink[s−1], kink[s]]; a unit with w₁ = 0 is constant and gets no kink (+inf)."""
         first, second = self.mlp[0], self.mlp[2]
-        hidden = torch.relu(self.normalized_distance(q_pos, k_pos)[..., None] * first.weight[:, 0] + first.bias)
-        return (hidden * second.weight[h]).sum(-1) + second.bias[h]
+        w1, b1 = first.weight[:, 0], first.bias
+        kinks = torch.where(w1 != 0, -b1 / w1, torch.inf).detach()
+        kinks, order = kinks.sort()
+        w1, b1, w2 = w1[order], b1[order], second.weight[:, order]
+        segment = torch.arange(len(kinks) + 1, device=w1.device)[:, None]
+        unit = torch.arange(len(kinks), device=w1.device)[None, :]
+        # Unit r (r-th kink) is on above its kink when w₁ > 0, below it when w₁ < 0, always when b₁ > 0 (w₁ = 0).
+        on = torch.where(w1 > 0, segment > unit, torch.where(w1 < 0, segment <= unit, b1 > 0)).to(w1.dtype)
+        return kinks, on @ (w2 * w1).T, on @ (w2 * b1).T + second.bias
 
     def bias_matrix(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        # Dense form: one MLP pass gives all heads, [..., Tq, Tk, H] -> [H, ..., Tq, Tk].
         x = self.normalized_distance(q_pos.float()[..., :, None], k_pos.float()[..., None, :])
-        return self.mlp(x[..., None]).movedim(-1, 0)
+        kinks, slope, intercept = self.mlp_segments()
+        segment = torch.bucketize(x.detach(), kinks)
+        # Indexing, not F.embedding: its backward (index_put_ accumulate) is ~6× faster on CPU here.
+        return (slope[segment] * x[..., None] + intercept[segment]).movedim(-1, 0)
+
+    def score_mod_bias(self, q_pos: Tensor, k_pos: Tensor):
+        # A per-score MLP in FlexAttention's kernel cannot be lowered (its sum over hidden units is a
+        # reduction) and would put atomics into the MLP's weights in the backward. The bias does not depend
+        # on the batch, so one [H, Tq, Tk] table per layer, looked up in the kernel, is B× smaller than the
+        # scores it biases.
+        table = self.bias_matrix(q_pos, k_pos)
+        return lambda h, q_idx, kv_idx: table[h, q_idx, kv_idx]
