@@ -314,6 +314,7 @@ def test_cli_evaluates_a_run_and_merges_the_summary(ckpt, run_dir, hellaswag_fil
     assert results["extrapolation/context_x4"] == 128
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary == {"train/loss": 3.5, **results}  # old keys kept, val/loss replaced
+    assert results["eval/preset"] == "quick" and results["eval/checkpoint"] == "step_00000010"
     assert "val/loss" in proc.stdout and "hellaswag/acc_norm" in proc.stdout
 
 

@@ -239,3 +239,13 @@ def test_compiled_and_bf16_autocast_runs(extra, data_dir, tmp_path):
     """The GPU recipe's switches (torch.compile, bf16 autocast) also work on CPU, end to end."""
     summary = train(compose_train(tiny_overrides(data_dir, extra=extra)), tmp_path)
     assert summary["status"] == "finished" and math.isfinite(summary["val/loss"])
+
+
+def test_multirun_dir_is_the_sweep_name_or_a_timestamped_multirun_dir():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        by_hand = compose(config_name="train", overrides=["runs_dir=/r"], return_hydra_config=True)
+        swept = compose(config_name="train", overrides=["runs_dir=/r", "sweep_name=grid"], return_hydra_config=True)
+    assert by_hand.hydra.sweep.dir.startswith("/r/multirun-")  # was "/r/None"
+    assert swept.hydra.sweep.dir == "/r/grid"

@@ -3,13 +3,16 @@
 PATH is a run dir (its newest checkpoints/step_*/) or one checkpoint dir inside a run. The val split
 comes from the run's own data config, <run_dir>/config.yaml. Results are printed, written to
 <ckpt_dir>/eval.json and merged into <run_dir>/summary.json under the metric names of src/eval/config.py
-(other keys there are kept). On CUDA the model runs under bf16 autocast, as in training.
+(other keys there are kept), with `eval/preset` (the `eval=` choice: budgets differ between presets, so
+numbers from different presets are not comparable) and `eval/checkpoint` (which checkpoint was scored).
+On CUDA the model runs under bf16 autocast, as in training.
 """
 
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from src.atomic import atomic_write_json
@@ -62,8 +65,10 @@ def evaluate(cfg: DictConfig) -> None:
     results = run_evaluation(model, cfg.eval, shard_dir, device, autocast_for(device, "auto"))
     print(f"{ckpt_dir} on {device}:")
     print_table(results)
-    atomic_write_json(ckpt_dir / "eval.json", results)
-    RunRecord(run_dir).update_summary(**results)
+    preset = HydraConfig.get().runtime.choices.get("eval") if HydraConfig.initialized() else None
+    record = {**results, "eval/preset": preset, "eval/checkpoint": ckpt_dir.name}
+    atomic_write_json(ckpt_dir / "eval.json", record)
+    RunRecord(run_dir).update_summary(**record)
     print(f"wrote {ckpt_dir / 'eval.json'} and {run_dir / 'summary.json'}")
 
 
