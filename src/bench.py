@@ -9,6 +9,7 @@ rounds alternating with it (ours first in even rounds, the peer first in odd one
 shared CPUs above all; a ratio of two measurements taken seconds apart is far steadier than two absolute
 numbers taken minutes apart, so the headline figure `vs_peer` is the median over rounds of that ratio.
 Outputs: <out>/bench.json, bench.md and bench.png (src/benchmark/report.py); docs/PERFORMANCE.md explains them.
+`python -m src.benchmark.targets <bench.json ...>` checks them against the performance targets.
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(
         command="python -m src.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        device_type=device.type,
+        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, vocab_size=args.vocab_size,
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         transformers=transformers.__version__,

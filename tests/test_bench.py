@@ -76,3 +76,50 @@ def test_a_failing_combination_is_reported_not_fatal(tmp_path):
     row = json.loads((tmp_path / "bench.json").read_text())["results"][0]
     assert row["tokens_per_s"] is None and row["error"].startswith("ValueError")
     assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
+
+
+def _gpu_result(context: int, rows: list[tuple[str, str, float, float | None, float]]) -> dict:
+    """A bench.json as an H100 run would write it: rows of (pe, attention, vs_peer, mfu, step MiB)."""
+    meta = dict(device="NVIDIA H100", device_type="cuda", n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+    cell = dict(context=context, batch=16, compile=True, dtype="bfloat16")
+    results = [dict(model="pegrid", pe=pe, attention=attention, **cell, tokens_per_s=1000 * vs_peer,
+                    vs_peer=vs_peer, mfu=mfu, step_mem_mib=mem, state_mem_mib=1000.0, error=None)
+               for pe, attention, vs_peer, mfu, mem in rows]
+    results.append(dict(model=PEER_NAME, pe="learned", attention="sdpa", **cell, tokens_per_s=1000.0, vs_peer=None,
+                        mfu=0.4, step_mem_mib=9000.0, state_mem_mib=1000.0, error=None))
+    return dict(meta=meta, results=results)
+
+
+def test_targets_pass_fail_and_not_measured(tmp_path, capsys):
+    from src.benchmark import targets
+
+    t1024 = _gpu_result(1024, [("learned", "flash", 1.05, 0.52, 9000.0), ("alibi", "flash", 0.90, 0.4, 9000.0),
+                               ("kerple", "flash", 0.70, 0.3, 9000.0), ("fire", "flash", 0.85, 0.3, 13000.0)])
+    lines = {line["target"].split(" (")[0]: line for line in targets.check([t1024])}
+    assert lines["learned+flash tokens/s ÷ peer"]["passed"] is True
+    assert lines["learned+flash MFU"]["passed"] is True
+    assert lines["alibi+flash tokens/s ÷ learned+flash"]["value"] == pytest.approx(0.90 / 1.05)
+    assert lines["kerple+flash tokens/s ÷ learned+flash"]["passed"] is False  # 0.67 < 0.8
+    fire_memory = lines["fire+flash peak memory ÷ learned+flash"]
+    assert fire_memory["value"] == pytest.approx(14000 / 10000) and fire_memory["passed"] is False
+    assert lines["learned+linformer tokens/s ÷ learned+flash"]["passed"] is None  # no T=8192 file given
+
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(t1024))
+    assert targets.main([str(path), "--out", str(tmp_path / "targets.md")]) == 1  # a measured target failed
+    assert "| FAIL |" in (tmp_path / "targets.md").read_text() and "not measured" in capsys.readouterr().out
+    t8192 = _gpu_result(8192, [("learned", "flash", 1.0, 0.5, 20000.0), ("learned", "linformer", 1.6, 0.2, 9000.0)])
+    lines = {line["target"].split(" (")[0]: line for line in targets.check([t8192])}
+    assert lines["learned+linformer tokens/s ÷ learned+flash"]["passed"] is True
+    assert targets.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_targets_check_the_cpu_target_on_a_quick_run(quick_run):
+    from src.benchmark import targets
+
+    _, out = quick_run
+    lines = targets.check([json.loads((out / "bench.json").read_text())])
+    cpu = [line for line in lines if "CPU" in line["target"]]
+    assert [line["cell"].split(") ")[1] for line in cpu] == ["T=16 B=2", "T=32 B=2"]
+    assert all(line["value"] > 0 and line["passed"] is not None for line in cpu)
+    assert all(line["passed"] is None for line in lines if "GPU" in line["target"])

@@ -18,7 +18,7 @@ def fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _vs_reference(row: dict, rows: list[dict]) -> float | None:
+def vs_reference(row: dict, rows: list[dict]) -> float | None:
     """Speed relative to learned+flash in the same cell (context, batch, compile).
 
     Through the peer when both have a `vs_peer`: each was timed next to the same peer, so the ratio of
@@ -59,7 +59,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {'on' if r['compile'] else 'off'} | {r['context']} | {r['batch']} | {label(r)} | "
             f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['vs_peer'], '.3f')} | "
-            f"{fmt(_vs_reference(r, rows), '.3f')} | {fmt(r['mfu'], '.1%')} | "
+            f"{fmt(vs_reference(r, rows), '.3f')} | {fmt(r['mfu'], '.1%')} | "
             f"{fmt(r['step_mem_mib'], '.0f')} | {fmt(r['state_mem_mib'], '.0f')} | {r['error'] or ''} |"
         )
     return "\n".join(lines) + "\n"

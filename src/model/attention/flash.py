@@ -1,11 +1,11 @@
 """Fused attention: PyTorch's `scaled_dot_product_attention`, and FlexAttention for bias PEs on CUDA.
 
 - No bias (learned, sinusoidal, rope, nope): SDPA with `is_causal` (FlashAttention-2 kernels on GPU).
-- Bias PEs on CUDA: compiled FlexAttention with the PE's elementwise `score_mod_bias` and a causal block
-  mask, so no [B, H, T, T] bias is materialised (Dong et al. 2024, "Flex Attention"); FIRE looks its
-  bias up in one batch-independent [H, T, T] table per layer.
-- Bias PEs elsewhere: FlexAttention has no backward on CPU (torch 2.13), so SDPA with a float mask
-  (bias + causal −inf) that gives the same numbers, fused but with an [H, T, T] bias.
+- Bias PEs, training on CUDA: compiled FlexAttention with the PE's elementwise `score_mod_bias` and a
+  causal block mask, so no [B, H, T, T] bias is materialised (Dong et al. 2024, "Flex Attention"); FIRE
+  looks its bias up in one batch-independent [H, T, T] table per layer.
+- Bias PEs otherwise (inference, CPU; FlexAttention has no backward on CPU in torch 2.13): SDPA with a
+  float mask (bias + causal −inf) that gives the same numbers, fused but with an [H, T, T] bias.
 """
 
 from dataclasses import dataclass

@@ -4,8 +4,8 @@ flash and Linformer mechanisms.
 A mechanism states which keys a query may see (`visible(q_idx, kv_idx)`, indices into q_pos / k_pos);
 the compiled kernel then skips every fully hidden 128×128 block and adds the PE's elementwise bias
 (`pe.score_mod_bias`) inside the kernel, so neither the scores nor the bias are materialised. FlexAttention
-has no backward on CPU (torch 2.13), so the mechanisms use it on CUDA only; the tests check its forward on
-CPU, compiled as on CUDA, against the dense paths.
+has no backward on CPU (torch 2.13), so the mechanisms use it for training on CUDA only (`flex_applies`); the
+tests check its forward on CPU, compiled as on CUDA, against the dense paths.
 """
 
 from collections.abc import Callable
@@ -42,5 +42,7 @@ def flex_attention_with_bias(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_p
 
 
 def flex_applies(use_flex: bool, q: Tensor, dropout_p: float) -> bool:
-    """FlexAttention needs CUDA for its backward and has no attention dropout."""
-    return use_flex and q.is_cuda and dropout_p == 0.0
+    """On CUDA, without attention dropout (it has none), and only when a backward pass follows: the kernel
+    is compiled per static shape, and inference lengths vary (prompts, every KV-cache step, extrapolation),
+    so there the mechanism's dense path serves without recompiling."""
+    return use_flex and q.is_cuda and dropout_p == 0.0 and q.requires_grad

@@ -15,7 +15,7 @@ Positions of slots: a slot stands for its chunk's centre (start + (c − 1)/2); 
 FIRE) is evaluated at that representative position. Keys are rotated (RoPE) at their true positions
 before compression.
 
-On CUDA (training and prefill) the same rule runs as one FlexAttention call over [all slots; all keys]:
+When training on CUDA the same rule runs as one FlexAttention call over [all slots; all keys]:
 the block mask skips the future slots and every key outside the query's chunk, so the kernel computes
 about T·(k·T/(2c) + c) scores, fused, instead of T²/2 (flash).
 
