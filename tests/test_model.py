@@ -66,6 +66,27 @@ def test_flex_score_mod_matches_dense_bias(pe, compiled):
     assert torch.allclose(expected, got, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("pe", ["kerple", "fire"])
+def test_compiled_flex_kernel_serves_every_layer_without_recompiling(pe):
+    """Per-layer PEs (their own parameters per layer) must reuse one compiled kernel: a recompile per layer
+    would pass dynamo's limit (8) at 12 layers and drop the GPU to FlexAttention's slow eager path."""
+    from torch._dynamo.utils import counters
+
+    from src.model.attention.flex import flex_attention_with_bias
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(pe, "flash") | {"n_layer": 12})
+    q, k, v = torch.randn(3, 2, 4, 32, 8).unbind(0)
+    pos = torch.arange(32)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for block in model.h:
+            flex_attention_with_bias(q, k, v, pos, pos, block.attn.pe, lambda qi, ki: pos[ki] <= pos[qi])
+    assert counters["frames"]["ok"] == 1
+
+
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("pe", ["learned", "rope", "alibi", "fire"])
 def test_linformer_flex_path_matches_the_explicit_one(pe, compiled):
