@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("n_layer", "n_head", "n_embd", "vocab_size", "linformer_chunk", "linformer_k"):
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int)
     p.add_argument("--threads", type=int, help="torch.set_num_threads; --quick: 1, see docs/PERFORMANCE.md")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 2 steps of each combination: <out>/profiles/<cell>-<combo>.txt (+ .trace.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("outputs/bench"))
     args = p.parse_args(argv)
@@ -106,6 +108,13 @@ def result_row(model: str, pe: str, attention: str, cell: dict, tokens_per_step:
     )
 
 
+def profile_path(out: Path, cell: dict, combo: str) -> Path:
+    compiled = "compiled" if cell["compile"] else "eager"
+    path = out / "profiles" / f"T{cell['context']}-B{cell['batch']}-{compiled}-{combo}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def measure_cell(args, device: torch.device, context: int, batch: int, compile: bool) -> list[dict]:
     """All requested PE x attention combinations plus the peer at one (context, batch, compile)."""
     cell = dict(context=context, batch=batch, compile=compile, dtype=args.dtype)
@@ -136,6 +145,8 @@ def measure_cell(args, device: torch.device, context: int, batch: int, compile: 
                     if peer and not r % 2:
                         peer_seconds.append(peer.timed(args.steps))
                 memory = measure_memory(step)
+                if args.profile:
+                    step.profile(2, profile_path(args.out, cell, f"{pe}+{attention}"))
             except Exception as e:
                 seconds, peer_seconds, error = [], [], f"{type(e).__name__}: {e}"
             flops = flops_per_token(step.model, context) if step else None
@@ -151,6 +162,8 @@ def measure_cell(args, device: torch.device, context: int, batch: int, compile: 
         flops = peer.model.flops_per_token(context)
         try:
             peer_memory = measure_memory(peer)
+            if args.profile:
+                peer.profile(2, profile_path(args.out, cell, PEER_NAME))
         except Exception as e:
             peer_error = f"{type(e).__name__}: {e}"
     rows.append(result_row(PEER_NAME, "learned", "sdpa", cell, batch * context, all_peer_seconds, [], peer_memory,

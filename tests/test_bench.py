@@ -123,3 +123,14 @@ def test_targets_check_the_cpu_target_on_a_quick_run(quick_run):
     assert [line["cell"].split(") ")[1] for line in cpu] == ["T=16 B=2", "T=32 B=2"]
     assert all(line["value"] > 0 and line["passed"] is not None for line in cpu)
     assert all(line["passed"] is None for line in lines if "GPU" in line["target"])
+
+
+def test_profile_writes_an_op_table_and_a_trace_per_combination(tmp_path):
+    status = bench.main(TINY + ["--context", "16", "--pes", "fire", "--attentions", "flash", "--profile",
+                                "--out", str(tmp_path)])
+    assert status == 0
+    for combo in ("fire+flash", PEER_NAME):
+        table = (tmp_path / "profiles" / f"T16-B2-eager-{combo}.txt").read_text()
+        assert "aten::mm" in table and "Self CPU" in table
+        trace = json.loads((tmp_path / "profiles" / f"T16-B2-eager-{combo}.trace.json").read_text())
+        assert trace["traceEvents"]

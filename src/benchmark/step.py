@@ -64,6 +64,19 @@ class TrainStep:
         sync(self.device)
         return (time.perf_counter() - start) / steps
 
+    def profile(self, steps: int, path) -> None:
+        """torch.profiler over `steps` steps: the ops by self time (table) and a Chrome trace next to it."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                self.step()
+            sync(self.device)
+        sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
+        prof.export_chrome_trace(str(path.with_suffix(".trace.json")))
+
     def step_memory_mib(self) -> float:
         return step_peak_mib(self.step, self.device)
 
