@@ -3,9 +3,10 @@ flash and Linformer mechanisms.
 
 A mechanism states which keys a query may see (`visible(q_idx, kv_idx)`, indices into q_pos / k_pos);
 the compiled kernel then skips every fully hidden 128×128 block and adds the PE's elementwise bias
-(`pe.score_mod_bias`) inside the kernel, so neither the scores nor the bias are materialised. FlexAttention
-has no backward on CPU (torch 2.13), so the mechanisms use it for training on CUDA only (`flex_applies`); the
-tests check its forward on CPU, compiled as on CUDA, against the dense paths.
+(`pe.score_mod_bias`) inside the kernel, so the scores are never materialised, nor is the bias except
+FIRE's batch-independent [H, T, T] table. FlexAttention has no backward on CPU (torch 2.13), so the
+mechanisms use it for training on CUDA only (`flex_applies`); the tests check its forward on CPU,
+compiled as on CUDA, against the dense paths.
 """
 
 from collections.abc import Callable

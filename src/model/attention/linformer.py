@@ -42,7 +42,7 @@ from src.model.attention.flex import flex_applies, flex_attention_with_bias
 class LinformerConfig(AttentionConfig):
     chunk_size: int = 128  # c: positions attended exactly / compressed together
     k: int = 32  # slots each completed chunk is compressed to
-    use_flex: bool = True  # one fused FlexAttention call on CUDA
+    use_flex: bool = True  # one fused FlexAttention call when training on CUDA
 
 
 @ATTENTION_REGISTRY.register("linformer", LinformerConfig)
