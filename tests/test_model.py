@@ -67,6 +67,27 @@ def test_flex_score_mod_matches_dense_bias(pe, compiled):
 
 
 @pytest.mark.slow
+def test_flex_path_traces_into_a_compiled_model_as_one_graph():
+    """With trainer.compile the flex call is traced inside the model's graph: no break, same numbers."""
+    from src.model.attention.flex import flex_attention_with_bias
+    from src.model.attention.regular import RegularAttention, RegularConfig
+
+    model = build_model(tiny_model_cfg("alibi", "flash"))
+    pos = torch.arange(32)
+
+    def attend(q, k, v):
+        return flex_attention_with_bias(q, k, v, pos, pos, model.pe, lambda qi, ki: pos[ki] <= pos[qi])
+
+    q, k, v = torch.randn(3, 2, 4, 32, 8).unbind(0)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(attend)(q, k, v)
+        got = torch.compile(attend)(q, k, v)
+        expected = RegularAttention(RegularConfig(name="regular"), model.config)(q, k, v, pos, pos, model.pe)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("pe", ["kerple", "fire"])
 def test_compiled_flex_kernel_serves_every_layer_without_recompiling(pe):
     """Per-layer PEs (their own parameters per layer) must reuse one compiled kernel: a recompile per layer

@@ -38,7 +38,8 @@ def flex_attention_with_bias(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_p
         return visible(q_idx, kv_idx)
 
     block_mask = create_block_mask(mask_mod, None, None, q.size(-2), k.size(-2), device=q.device)
-    attend = compiled_flex_attention() if compiled else flex_attention
+    # Inside a compiled model dynamo traces flex_attention itself; compiling it again there only warns.
+    attend = compiled_flex_attention() if compiled and not torch.compiler.is_compiling() else flex_attention
     return attend(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
