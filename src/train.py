@@ -9,10 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import src.data  # noqa: F401  (registers the data schema)
-import src.eval.config  # noqa: F401  (registers the eval schema)
-import src.model  # noqa: F401  (registers model, PE and attention schemas)
-import src.training.config  # noqa: F401  (registers trainer and logger schemas)
+import src.schemas  # noqa: F401  (the config schemas and resolvers conf/ relies on)
 from src.training.distributed import export_submitit_env
 from src.training.trainer import train
 

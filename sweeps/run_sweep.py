@@ -126,10 +126,7 @@ def plan(spec: dict, cli_overrides: list[str]) -> tuple[dict[str, list[str]], li
 
     from hydra import compose, initialize_config_dir
 
-    import src.data  # noqa: F401  (register the schemas, as src.train does)
-    import src.eval.config  # noqa: F401
-    import src.model  # noqa: F401
-    import src.training.config  # noqa: F401
+    import src.schemas  # noqa: F401  (as src.train does)
 
     task_fixed = [o for o in fixed if not is_hydra_override(o)]
     combos: list[Combo] = []

@@ -5,10 +5,7 @@ from __future__ import annotations
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import src.data  # noqa: F401
-import src.eval.config  # noqa: F401
-import src.model  # noqa: F401
-import src.training.config  # noqa: F401
+import src.schemas  # noqa: F401
 from tests.conftest import ROOT
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 
 @dataclass
@@ -61,6 +60,3 @@ class LoggerConfig:
 ConfigStore.instance().store(group="trainer", name="trainer_schema", node=TrainerConfig)
 ConfigStore.instance().store(group="logger", name="logger_schema", node=LoggerConfig)
 
-# `${if_null:${sweep_name},multirun-...}` in conf/train.yaml: a hand-made multirun (no sweep_name) gets its
-# own timestamped directory instead of `<runs_dir>/None`.
-OmegaConf.register_new_resolver("if_null", lambda value, fallback: fallback if value is None else value, replace=True)
