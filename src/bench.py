@@ -29,10 +29,12 @@ from src.benchmark.memory import memory_method
 from src.benchmark.peer import PEER_NAME, PeerGPT2
 from src.benchmark.step import TrainStep
 from src.model import build_model, model_config
+from src.model.attention import ATTENTION_REGISTRY
+from src.model.pe import PE_REGISTRY
 from src.training.flops import flops_per_token, peak_flops
 
-PES = ["learned", "sinusoidal", "rope", "alibi", "kerple", "fire", "nope"]
-ATTENTIONS = ["regular", "flash", "linformer"]
+PES = PE_REGISTRY.names()  # every registered PE and attention: a new one is benchmarked with no change here
+ATTENTIONS = ATTENTION_REGISTRY.names()
 
 # Defaults: GPT-2 124M on a GPU, or (--quick) a model small enough for a 2-core CPU. Flags override either.
 PRESETS = {

@@ -3,5 +3,6 @@
 - `peer.py`: the peer, `GPT2LMHeadModel` with SDPA attention, behind our model's (idx, targets) interface;
 - `step.py`: one timed training step (forward, backward, AdamW) of either model;
 - `memory.py`: the extra memory one training step needs, on CUDA and on CPU;
-- `report.py`: the JSON, Markdown and PNG outputs.
+- `report.py`: the JSON, Markdown and PNG outputs;
+- `targets.py`: the performance targets, checked against those outputs (`python -m src.benchmark.targets`).
 """

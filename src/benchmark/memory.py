@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import re
 from collections.abc import Callable
 
 import torch
+
+from src.model_store import release_freed_memory
 
 MIB = 2**20
 
@@ -27,8 +27,7 @@ def _proc_status_mib(key: str) -> float:
 
 
 def _cpu_step_peak_mib(step: Callable[[], None]) -> float:
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _proc_status_mib("VmRSS")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.model.config import ModelConfig
+from src.training.flops import training_flops_per_token
 
 PEER_NAME = "hf-gpt2-sdpa"
 
@@ -37,9 +38,9 @@ class PeerGPT2(nn.Module):
         self.config = cfg
 
     def flops_per_token(self, context_len: int) -> float:
-        """6·N + 12·L·T·C as src.training.flops, N without the position-embedding table."""
+        """As src.training.flops, N without the position-embedding table."""
         n_params = sum(p.numel() for p in self.parameters()) - self.hf.transformer.wpe.weight.numel()
-        return 6 * n_params + 12 * self.config.n_layer * context_len * self.config.n_embd
+        return training_flops_per_token(n_params, self.config.n_layer, self.config.n_embd, context_len)
 
     def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.hf(input_ids=idx, use_cache=False).logits

@@ -7,9 +7,7 @@ Both our model and the peer go through this same code with the same optimizer se
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,6 +15,7 @@ from torch import nn
 from src.benchmark.memory import resident_state_mib, step_peak_mib
 from src.training.config import TrainerConfig
 from src.training.optim import build_optimizer
+from src.training.trainer import autocast_for
 
 
 def sync(device: torch.device) -> None:
@@ -34,10 +33,7 @@ class TrainStep:
         # The trainer's AdamW (decay on >= 2-D weights, fused on CUDA) with its default hyper-parameters.
         self.optimizer = build_optimizer(self.model, TrainerConfig(), device.type)
         self.forward = torch.compile(self.model) if compile else self.model
-        self.autocast: Callable[[], contextlib.AbstractContextManager] = (
-            (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16"
-            else contextlib.nullcontext
-        )
+        self.autocast = autocast_for(device, dtype)  # as the trainer: bfloat16 = autocast
         generator = torch.Generator().manual_seed(seed)
         data = torch.randint(vocab_size, (batch, context + 1), generator=generator)
         self.idx, self.targets = data[:, :-1].to(device), data[:, 1:].to(device)

@@ -29,12 +29,17 @@ PEAK_BF16_FLOPS = {  # substring of torch.cuda.get_device_name() -> dense bf16 F
 }
 
 
+def training_flops_per_token(matmul_params: int, n_layer: int, n_embd: int, context_len: int) -> float:
+    """6·N + 12·L·T·C, with N = matmul_params (see the module docstring)."""
+    return 6 * matmul_params + 12 * n_layer * context_len * n_embd
+
+
 def flops_per_token(model: torch.nn.Module, context_len: int) -> float:
     cfg = model.config
     embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     lookup_tables = [m.weight for m in embeddings if m is not model.wte]
     n_params = sum(p.numel() for p in model.parameters()) - sum(t.numel() for t in lookup_tables)
-    return 6 * n_params + 12 * cfg.n_layer * context_len * cfg.n_embd
+    return training_flops_per_token(n_params, cfg.n_layer, cfg.n_embd, context_len)
 
 
 def peak_flops(device: torch.device) -> float | None:
