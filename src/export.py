@@ -112,7 +112,7 @@ def export(run_dir: str | Path, out_dir: str | Path, license: str = "mit") -> Pa
     ckpt_dir = find_checkpoint_dir(run_dir)
     summary = read_summary(run_dir)
     if not summary:
-        raise ExportError(f"{run_dir} has no summary.json; pass a run dir written by `python -m src.train`")
+        raise ExportError(f"{run_dir} has no readable summary.json; pass a run dir written by `python -m src.train`")
     model, _ = load_model(ckpt_dir)  # the weights must read back before they are published
     loaded = LoadedModel(str(run_dir), model, ckpt_dir, summary)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +26,7 @@ from typing import Any
 from src.checkpoint import WEIGHTS, CheckpointError, load_model
 from src.model import from_hf_gpt2
 from src.model.gpt import GPT
+from src.training.run_record import RunRecord
 
 HF_PREFIX = "hf:"
 # summary.json keys worth showing next to a model (see README "Run record")
@@ -80,10 +80,12 @@ class LoadedModel:
 
 
 def read_summary(folder: Path) -> dict[str, Any]:
-    """summary.json of a run dir or export folder, or of the run a checkpoint dir belongs to; {} if none."""
-    for candidate in (folder / "summary.json", folder.parent.parent / "summary.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
+    """summary.json of a run dir or export folder, or of the run a checkpoint dir belongs to; {} if none
+    (or unreadable)."""
+    for run_dir in (folder, folder.parent.parent):
+        summary = RunRecord(run_dir).read_summary()
+        if summary:
+            return summary
     return {}
 
 

@@ -241,6 +241,15 @@ def test_export_rejects_a_bad_run_dir(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_cut_short_summary_neither_stops_chat_nor_gets_exported(tmp_path, capsys):
+    run = fake_run(tmp_path / "run", tiny_model_cfg("rope", "flash"))
+    (run / "summary.json").write_text('{"val/loss": 10.')  # a run killed mid-write (or a hand edit)
+    loaded = load(str(run))
+    assert loaded.model is not None and loaded.metrics == {}
+    assert export_main([str(run), str(tmp_path / "out")]) == 2
+    assert "has no readable summary.json" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------- (d) CLI
 
 

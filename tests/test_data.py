@@ -24,7 +24,6 @@ from src.data import (
     get_tokenizer,
     prepare,
     split_tokens,
-    val_batches,
 )
 from src.data.config import resolve_cache_dir
 from src.data.sources import _embedded_documents
@@ -318,23 +317,6 @@ def test_tiny_corpus_wraps_epochs_inside_a_batch_or_says_what_is_missing(tmp_pat
     assert x.shape == (8, 4) and torch.equal(x[:, 1:], y[:, :-1])
     with pytest.raises(ValueError, match=r"train split .* has \d+ tokens, but block_size=64 needs at least 65"):
         TokenLoader(shard_dir, "train", batch_size=8, block_size=64, seed=0)
-
-
-def test_val_batches_are_fixed_in_order_and_split_across_ranks(embedded_dir):
-    tokens = read_split(embedded_dir, "val")
-    batches = list(val_batches(embedded_dir, batch_size=4, block_size=128))
-    again = list(val_batches(embedded_dir, batch_size=4, block_size=128))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
-    num_windows = (len(tokens) - 1) // 128
-    assert len(batches) == -(-num_windows // 4) and all(x.shape == (4, 128) for x, _ in batches)
-    assert np.array_equal(batches[0][0][0].numpy(), tokens[:128]) and np.array_equal(batches[1][0][0].numpy(),
-                                                                                       tokens[4 * 128 : 5 * 128])
-    assert len(list(val_batches(embedded_dir, batch_size=4, block_size=128, num_tokens=1024))) == 2
-
-    per_rank = [list(val_batches(embedded_dir, batch_size=2, block_size=128, rank=r, world_size=2)) for r in range(2)]
-    assert len(per_rank[0]) == len(per_rank[1]) == len(batches)
-    for (x, _), (x0, _), (x1, _) in zip(batches, *per_rank):
-        assert torch.equal(torch.cat([x0, x1]), x)
 
 
 # --- configs and CLI ---------------------------------------------------------------------------

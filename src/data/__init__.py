@@ -3,7 +3,7 @@
 import warnings
 
 from src.data.config import DataConfig  # importing registers the data/data_schema Hydra schema
-from src.data.loader import TokenLoader, split_tokens, val_batches
+from src.data.loader import TokenLoader, split_tokens
 from src.data.prepare import ensure_prepared, prepare
 from src.data.sources import DataUnavailableError
 from src.data.tokenizer import EOT_TOKEN, get_tokenizer
@@ -17,7 +17,6 @@ __all__ = [
     "get_tokenizer",
     "prepare",
     "split_tokens",
-    "val_batches",
 ]
 
 # `python -m src.data.prepare` imports this package, hence src.data.prepare, before it runs that

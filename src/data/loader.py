@@ -8,7 +8,6 @@ exactly what one process with batch B*W sees, and never the same window within a
 """
 
 import bisect
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -92,24 +91,6 @@ class TokenLoader:
             rng = np.random.default_rng([self.seed, self.epoch])
             self._order, self._order_epoch = rng.permutation(self.windows.num_windows), self.epoch
         return self._order
-
-
-def val_batches(shard_dir: str | Path, batch_size: int, block_size: int, num_tokens: int | None = None,
-                rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The same validation batches on every call and every run: the first windows in order.
-
-    Covers the first `num_tokens` tokens of the val split (all of it if None), in global batches
-    of batch_size * world_size windows dealt to ranks like training batches. The last global
-    batch is filled up with the windows that follow (wrapping around at the end of the split), so
-    every rank gets the same number of full [batch_size, block_size] batches.
-    """
-    windows = TokenWindows(shard_dir, "val", block_size)
-    wanted = windows.num_windows if num_tokens is None else min(windows.num_windows, num_tokens // block_size)
-    global_batch = batch_size * world_size
-    num_batches = max(1, -(-wanted // global_batch))
-    for step in range(num_batches):
-        first = step * global_batch + rank * batch_size
-        yield windows.batch(np.arange(first, first + batch_size) % windows.num_windows)
 
 
 def split_tokens(shard_dir: str | Path, split: str) -> int:
