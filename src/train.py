@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import hydra
@@ -22,6 +23,9 @@ def main(cfg: DictConfig) -> float | None:
     export_submitit_env()  # multi-task SLURM job via hydra/launcher=slurm: RANK/WORLD_SIZE/... for DDP
     summary = train(cfg, run_dir)
     log.info("run record: %s  (status %s, val/loss %s)", run_dir, summary.get("status"), summary.get("val/loss"))
+    if summary.get("status") == "interrupted":  # checkpointed on a stop signal: exit as that signal would
+        log.warning("%s", summary["error"])
+        raise SystemExit(128 + signal.Signals[summary["stopped_by"]])
     return summary.get("val/loss")  # Hydra sweepers optimise the returned value
 
 

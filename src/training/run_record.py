@@ -4,18 +4,26 @@
 - `metrics.jsonl`: one JSON object per logged step (training rows and evaluation rows, each with `step`)
 - `summary.json`: final figures and `status` (running / finished / failed), rewritten atomically
 - `checkpoints/step_XXXXXXXX/`: see src/checkpoint.py
-The format is documented in README.md ("Run record").
+The format is documented in README.md ("Run record"). A record that must not be mixed with a new run (a
+`trainer.resume=never` restart, a stale sweep run) is moved aside to `<parent>/.superseded/`, never deleted;
+readers skip hidden directories.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from src.atomic import atomic_write, atomic_write_json, json_safe
+
+SUPERSEDED_DIR = ".superseded"
+# what belongs to one run's record (Hydra's .hydra/ and the log are rewritten by every launch)
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", "checkpoints", "wandb_run_id.txt", "wandb")
 
 
 class RunRecord:
@@ -61,3 +69,19 @@ class RunRecord:
             return
         kept = [row for row in self.read_metrics() if row["step"] <= step]
         atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+
+    def has_record(self) -> bool:
+        return any((self.run_dir / name).exists() for name in RECORD_FILES)
+
+    def move_aside(self) -> Path:
+        """Move this run's record files to `<parent>/.superseded/<run name>-<time>/`; return that dir."""
+        target = self.run_dir.parent / SUPERSEDED_DIR / f"{self.run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = target.with_name(f"{target.name.rsplit('~', 1)[0]}~{suffix}")
+        target.mkdir(parents=True)
+        for name in RECORD_FILES:
+            if (self.run_dir / name).exists():
+                os.replace(self.run_dir / name, target / name)
+        return target

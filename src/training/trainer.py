@@ -22,18 +22,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from src.checkpoint import latest_valid_checkpoint, save_checkpoint
+from src.checkpoint import NonFiniteCheckpoint, latest_valid_checkpoint, list_checkpoints, save_checkpoint
 from src.data import TokenLoader, ensure_prepared
+from src.eval.config import VAL_LOSS
 from src.eval.hellaswag import ensure_hellaswag
 from src.eval.suite import eval_config, run_evaluation
 from src.model import build_model, model_config
+from src.provenance import provenance
 from src.structured import to_dataclass
 from src.training.config import LoggerConfig, TrainerConfig
 from src.training.distributed import DistContext, all_reduce_mean, init_distributed, shutdown_distributed
+from src.training.fingerprint import FINGERPRINT_KEY, config_fingerprint
 from src.training.flops import flops_per_token, peak_flops
 from src.training.loggers import NoLogger, build_logger
 from src.training.optim import build_optimizer, lr_at
+from src.training.run_lock import RunLock
 from src.training.run_record import RunRecord
+from src.training.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,11 @@ def run_name_and_tags(cfg: DictConfig) -> tuple[str, list[str]]:
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train per `cfg` (the composed train.yaml), write the run record into run_dir, return the summary."""
+    """Train per `cfg` (the composed train.yaml), write the run record into run_dir, return the summary.
+
+    The run dir is locked for the run's duration (one process per record). A stop signal (SIGINT, SIGTERM,
+    SLURM's USR2) checkpoints the current step and returns a summary with status `interrupted`.
+    """
     tcfg = to_dataclass(TrainerConfig, cfg.trainer)
     lcfg = to_dataclass(LoggerConfig, cfg.logger)
     mcfg = model_config(cfg.model)
@@ -99,12 +108,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     record = RunRecord(Path(run_dir))
     record.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _train(cfg, tcfg, lcfg, mcfg, dist_ctx, device, record)
+        with RunLock(record.run_dir) if dist_ctx.is_main else contextlib.nullcontext(), StopSignals() as stop:
+            summary = _train(cfg, tcfg, lcfg, mcfg, dist_ctx, device, record, stop)
     finally:
         shutdown_distributed()
+    if stop.requested:
+        stop.chain()  # under submitit, USR2 now requeues the job, which resumes from the checkpoint just written
+    return summary
 
 
-def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistContext, device, record: RunRecord):
+def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistContext, device, record: RunRecord,
+           stop: StopSignals):
     tokens_per_micro_step = tcfg.micro_batch_size * mcfg.block_size * dist_ctx.world_size
     if tcfg.total_batch_tokens % tokens_per_micro_step:
         raise ValueError(
@@ -116,6 +130,9 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if tcfg.resume == "never" and dist_ctx.is_main and record.has_record():
+        moved = record.move_aside()  # a fresh start never appends to, or resumes, the old record
+        log.warning("trainer.resume=never: the existing run record in %s was moved to %s", record.run_dir, moved)
 
     ecfg = eval_config(cfg.eval)
     if ecfg.hellaswag.enabled and dist_ctx.is_main:
@@ -144,8 +161,7 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
         log.info("%s already finished (step %d); nothing to do", record.run_dir, start_step)
         return previous
     if dist_ctx.is_main:
-        if start_step:
-            record.truncate_after(start_step)
+        record.truncate_after(start_step)  # also from scratch: rows of an attempt without a valid checkpoint go
         record.save_config(cfg)
     train_model = torch.compile(model) if tcfg.compile else model
     if dist_ctx.enabled:
@@ -161,9 +177,10 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
         "run_name": name, "pe": mcfg.pe["name"], "attention": mcfg.attention["name"], "sweep": cfg.get("sweep_name"),
         "seed": tcfg.seed, "num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
         "world_size": dist_ctx.world_size, "max_steps": tcfg.max_steps, "wandb_run_id": logger.run_id,
+        FINGERPRINT_KEY: config_fingerprint(resolved), **provenance(),
     }
     if dist_ctx.is_main:
-        record.update_summary(**summary_base, status="running", step=start_step)
+        record.update_summary(**summary_base, status="running", error=None, stopped_by=None, step=start_step)
 
     def evaluate(step: int) -> dict:
         metrics = run_evaluation(model, ecfg, shard_dir, device, autocast)
@@ -176,23 +193,37 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
         return elapsed_before + time.perf_counter() - started
 
     model_config_dict = dataclasses.asdict(mcfg)
+    last_checkpoint = start_step if start_step else None
 
     def checkpoint(step: int) -> None:
-        if dist_ctx.is_main:
+        nonlocal last_checkpoint
+        if dist_ctx.is_main and step not in (0, last_checkpoint):
             state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
                      "rng": rng_state(), "elapsed_s": elapsed()}
-            save_checkpoint(record.checkpoint_dir, step, model, model_config_dict, state, tcfg.keep_last)
+            try:
+                save_checkpoint(record.checkpoint_dir, step, model, model_config_dict, state, tcfg.keep_last)
+            except NonFiniteCheckpoint as err:
+                raise TrainingDiverged(f"training diverged by step {step} ({err}); {kept_checkpoint()}") from None
+        last_checkpoint = step
+
+    def kept_checkpoint() -> str:
+        kept = list_checkpoints(record.checkpoint_dir)
+        where = f"the last finite checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint was written"
+        return f"{where} (lower trainer.lr or raise trainer.warmup_steps)"
+
+    def stop_requested() -> bool:  # every rank must leave the loop at the same step
+        flag = torch.tensor(float(stop.requested is not None), device=device)
+        return all_reduce_mean(flag, dist_ctx).item() > 0 if dist_ctx.enabled else stop.requested is not None
 
     step, last_loss, eval_metrics = start_step, float("nan"), {}
-    # A SystemExit (submitit's preemption / time-limit handler requeues the job, then exits) leaves the run
-    # "running": the requeued job resumes it from its checkpoint.
+    # any other BaseException (SystemExit) leaves the run "running": whoever raised it resumes it
     status, error = "running", None
     started = time.perf_counter()
     bar = tqdm(total=tcfg.max_steps, initial=start_step, desc=name, disable=not (tcfg.progress and dist_ctx.is_main),
                dynamic_ncols=True)
     try:
         window_tokens, window_time = 0, 0.0
-        while step < tcfg.max_steps:
+        while step < tcfg.max_steps and not stop_requested():
             t0 = time.perf_counter()
             lr = lr_at(step, tcfg)
             for group in optimizer.param_groups:
@@ -207,13 +238,12 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
                 loss.backward()
                 loss_sum += loss.detach()
             loss_value = all_reduce_mean(loss_sum, dist_ctx).item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at step {step + 1}; the last good checkpoint is kept in "
-                    f"{record.checkpoint_dir} (lower trainer.lr or raise trainer.warmup_steps)"
-                )
             max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            if not (math.isfinite(loss_value) and math.isfinite(norm)):
+                # a finite loss can come with an infinite gradient: applying it would make every weight NaN
+                raise TrainingDiverged(f"training diverged at step {step + 1} (loss {loss_value:.4g}, grad norm "
+                                       f"{norm:.4g}); the update was not applied; {kept_checkpoint()}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -229,7 +259,7 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
                 tokens_per_s = window_tokens / window_time
                 row = {
                     "step": step, "tokens": step * tcfg.total_batch_tokens, "train/loss": loss_value, "train/lr": lr,
-                    "train/grad_norm": norm.item(), "perf/tokens_per_s": tokens_per_s,
+                    "train/grad_norm": norm, "perf/tokens_per_s": tokens_per_s,
                     "perf/mfu": tokens_per_s * flops_token / peak if peak else None,
                     "perf/step_time_ms": 1000 * window_time / (window_tokens / tcfg.total_batch_tokens),
                     "perf/peak_mem_mb": peak_memory_mb(device),
@@ -237,16 +267,25 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
                 }
                 record.log(row)
                 logger.log(row, step)
+                record.update_summary(step=step, tokens=row["tokens"], **{"time/elapsed_s": row["time/elapsed_s"]})
                 window_tokens, window_time = 0, 0.0
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.max_steps:
                 eval_metrics = evaluate(step)
             if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
                 checkpoint(step)
         bar.close()
-        eval_metrics = evaluate(step)
-        checkpoint(step)
-        status = "finished"
-    except (KeyboardInterrupt, Exception) as err:
+        checkpoint(step)  # before the final evaluation: an evaluation that crashes must not cost training steps
+        if stop.requested:
+            status = "interrupted"
+            error = f"{stop.reason} at step {step}; checkpointed: rerun the same command to resume"
+        else:
+            # resumed after the final evaluation was logged but before the summary was written: reuse it
+            eval_metrics = logged_evaluation(record, step) or evaluate(step)
+            status = "finished"
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, the previous one is kept
+        status, error = "interrupted", f"stopped by a second SIGINT at step {step}; resumes from the last checkpoint"
+        raise
+    except Exception as err:
         status, error = "failed", f"{type(err).__name__}: {err}"
         raise
     finally:
@@ -255,12 +294,19 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
         if dist_ctx.is_main:
             summary = record.update_summary(
                 **summary_base, status=status, error=error, step=step, tokens=step * tcfg.total_batch_tokens,
+                stopped_by=stop.requested.name if stop.requested else None,
                 **{"train/loss": last_loss}, **eval_metrics, **{"time/elapsed_s": elapsed()},
                 **_perf_summary(record),
             )
             logger.summary(summary)
             logger.finish(0 if status == "finished" else 1)
     return summary
+
+
+def logged_evaluation(record: RunRecord, step: int) -> dict:
+    """The metrics of an evaluation row already logged at `step`, or {}."""
+    rows = [r for r in record.read_metrics() if r.get("step") == step and VAL_LOSS in r]
+    return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
 
 
 def _perf_summary(record: RunRecord) -> dict:
