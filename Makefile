@@ -41,8 +41,9 @@ lint:
 	$(PYTHON) -m ruff check src tests
 
 # ---------------------------------------------------------------------------------------------- sweeps
-# make sweep [SWEEP=grid] [PARTITION=gpu] [ACCOUNT=proj] [GPUS_PER_NODE=8] [NODES=1] [TIME_MIN=1440]
-#            [SBATCH_EXTRA='{constraint:a100}'] [ARGS="more Hydra overrides / --dry-run"]   (docs/SWEEPS.md)
+# make sweep [SWEEP=grid] [PARTITION=gpu] [ACCOUNT=proj] [GPUS_PER_NODE=8, 0: CPU jobs] [NODES=1] [TIME_MIN=1440]
+#            [SBATCH_EXTRA='{constraint:a100}'] [ARGS="more Hydra overrides / --dry-run / --rerun-stale"]
+#            (docs/SWEEPS.md)
 SWEEP ?= grid
 PARTITION ?=
 ACCOUNT ?=
@@ -65,6 +66,20 @@ sweep:  ## submit sweeps/$(SWEEP).yaml to SLURM (skips finished runs, reports pr
 
 sweep-local:  ## the tiny 2x2 grid (SWEEP=tiny) as local processes, no SLURM needed (hydra/launcher=local)
 	$(PYTHON) -m sweeps.run_sweep $(if $(filter grid,$(SWEEP)),tiny,$(SWEEP)) --launcher local $(ARGS)
+
+# ---------------------------------------------------------------------------------------------- the CPU study
+# make study [SEEDS=3] [STUDY_JOBS=2] [STUDY_RUNS=outputs] [ARGS="more overrides"]: sweeps/study_cpu.yaml (7 PEs x 3
+# attentions, toy scale, bytes) as local processes, STUDY_JOBS at a time with one torch thread each, then the report.
+SEEDS ?= 1
+STUDY_JOBS ?= 2
+STUDY_RUNS ?= outputs
+.PHONY: study
+
+study:  ## the 21-run CPU study into $(STUDY_RUNS)/study_cpu/ (SEEDS=3: seeds 0-2), then $(STUDY_RUNS)/study_cpu/report/
+	@case "$(SEEDS)" in ''|*[!0-9]*|0) echo "make study: SEEDS must be a positive integer, got '$(SEEDS)'" >&2; exit 2;; esac
+	OMP_NUM_THREADS=1 $(PYTHON) -m sweeps.run_sweep study_cpu --launcher local --jobs $(STUDY_JOBS) \
+		runs_dir=$(STUDY_RUNS) trainer.seed=$$(seq -s, 0 $$(($(SEEDS) - 1))) $(ARGS)
+	$(PYTHON) -m analysis.compare --runs $(STUDY_RUNS)/study_cpu --out $(STUDY_RUNS)/study_cpu/report
 
 # ---------------------------------------------------------------------------------------------- analysis
 .PHONY: report

@@ -1,23 +1,29 @@
 """Chat with trained pegrid models in the browser: `streamlit run app.py`.
 
-Pick a run found under the runs directory ($PEGRID_RUNS_DIR, default `outputs`) or type a Hub id
-(ORG/REPO[/NAME], or hf:gpt2); answers stream token by token. Models live in one process-wide `ModelStore`
-holding at most $PEGRID_MAX_RESIDENT models (default 1): switching models frees the previous one.
-See docs/CHAT.md.
+Pick a run or export found under the models roots ($PEGRID_MODELS_ROOT, default `outputs` and `exports`;
+no other server folder can be loaded) or type a Hub id (ORG/REPO[/NAME], or hf:gpt2); answers stream token
+by token and are shown verbatim. Models live in one process-wide `ModelStore` holding at most
+$PEGRID_MAX_RESIDENT models (default 1): switching models frees the previous one. See docs/CHAT.md.
 """
 
 from __future__ import annotations
 
+import html
 import os
-import re
-from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import streamlit as st
 
 from src.generate import Conversation, SamplingConfig, generate_text
-from src.model_store import LoadedModel, ModelLoadError, ModelStore, discover_models
-
-_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # ASCII punctuation: CommonMark lets each be escaped
+from src.model_store import (
+    HF_PREFIX,
+    PROJECT_DIRS,
+    LoadedModel,
+    ModelLoadError,
+    ModelStore,
+    discover_models,
+    local_path,
+)
 
 
 @st.cache_resource
@@ -25,26 +31,46 @@ def model_store() -> ModelStore:
     return ModelStore(max_resident=int(os.environ.get("PEGRID_MAX_RESIDENT", "1")))
 
 
-def as_markdown(text: str) -> str:
-    """Show model text as written: escape markdown syntax (and $ math), keep line breaks."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("\n", "  \n")
+def verbatim(text: str) -> str:
+    """`text` as st.html shows it character for character. Markdown would turn indented lines into code blocks
+    (showing any escaping backslashes) and st.text dedents and strips; escaped text in a pre-wrap div does not."""
+    return f'<div style="white-space: pre-wrap">{html.escape(text)}</div>'
 
 
-def stream_markdown(pieces: Iterable[str], raw: list[str]) -> Iterator[str]:
-    """Pass generated text to st.write_stream escaped, collecting the raw text into `raw`."""
-    for piece in pieces:
-        raw.append(piece)
-        yield as_markdown(piece)
+def models_roots() -> list[Path]:
+    """$PEGRID_MODELS_ROOT: the folders (os.pathsep-separated, relative to the server's cwd) models load from."""
+    value = os.environ.get("PEGRID_MODELS_ROOT", os.pathsep.join(PROJECT_DIRS))
+    return [Path(root).expanduser() for root in value.split(os.pathsep) if root]
 
 
-def sidebar() -> tuple[str | None, SamplingConfig, int | None]:
+def inside(path: Path, roots: list[Path]) -> bool:
+    """Whether `path`, with symlinks and .. resolved, lies in one of `roots`."""
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def confined(spec: str, roots: list[Path]) -> str:
+    """`spec` as the store should load it: a Hub id as it is, a local path resolved and only inside a root,
+    since any visitor may type one."""
+    path = local_path(spec)
+    if path is None:
+        return spec
+    if not inside(path, roots):
+        raise ModelLoadError(f"refused: {spec} is outside the models root ({', '.join(map(str, roots))}); "
+                             "the server sets it with PEGRID_MODELS_ROOT")
+    resolved = str(path.resolve())  # what was checked is what gets loaded
+    return HF_PREFIX + resolved if spec.startswith(HF_PREFIX) else resolved
+
+
+def sidebar(roots: list[Path]) -> tuple[str | None, SamplingConfig, int | None]:
     with st.sidebar:
         st.header("Model")
-        runs_dir = st.text_input("Runs directory", os.environ.get("PEGRID_RUNS_DIR", "outputs"))
-        local = discover_models(runs_dir)
+        # a symlink out of a root is not listed (and would be refused)
+        local = [spec for root in roots for spec in discover_models(root) if inside(Path(spec), roots)]
         choice = st.selectbox("Local run or export", local, index=0 if local else None,
-                              placeholder="none found under the runs directory")
-        hub = st.text_input("…or a Hub id", placeholder="ORG/REPO[/NAME] or hf:gpt2").strip()
+                              placeholder="none found under the models root",
+                              help=f"Runs and exports under {', '.join(map(str, roots))} (PEGRID_MODELS_ROOT)")
+        hub = st.text_input("…or a Hub id", placeholder="ORG/REPO[/NAME] or hf:gpt2", key="hub").strip()
         st.header("Sampling")
         defaults = SamplingConfig()
         sampling = SamplingConfig(
@@ -75,12 +101,13 @@ def show_model(loaded: LoadedModel) -> None:
 def main() -> None:
     st.set_page_config(page_title="pegrid chat")
     st.title("pegrid chat")
-    spec, sampling, window = sidebar()
+    roots = models_roots()
+    spec, sampling, window = sidebar(roots)
     if not spec:
-        st.info("No model: train one (`python -m src.train`), set the runs directory, or type a Hub id.")
+        st.info("No model: train one (`python -m src.train`), export one to `exports/`, or type a Hub id.")
         return
     try:
-        loaded = model_store().get(spec)
+        loaded = model_store().get(confined(spec, roots))
     except ModelLoadError as err:
         st.error(str(err))
         return
@@ -91,22 +118,25 @@ def main() -> None:
     if chat is None or chat["key"] != (spec, window):
         chat = st.session_state["chat"] = {
             "key": (spec, window),
-            "conversation": Conversation.for_model(loaded.model, window),
+            "conversation": Conversation.for_model(loaded.model, window, tokenizer=loaded.tokenizer),
             "messages": [],
         }
     for role, text in chat["messages"]:
-        st.chat_message(role).markdown(as_markdown(text))
+        st.chat_message(role).html(verbatim(text))
 
     prompt = st.chat_input("Text for the model to continue")
     if prompt:
         chat["messages"].append(("user", prompt))
-        st.chat_message("user").markdown(as_markdown(prompt))
-        raw: list[str] = []
+        st.chat_message("user").html(verbatim(prompt))
+        text = ""
         with st.chat_message("assistant"):
-            st.write_stream(stream_markdown(generate_text(loaded.model, chat["conversation"], prompt, sampling), raw))
-            if not raw:
+            shown = st.empty()
+            for piece in generate_text(loaded.model, chat["conversation"], prompt, sampling):
+                text += piece
+                shown.html(verbatim(text))
+            if not text:
                 st.caption("(the model ended the text at once)")
-        chat["messages"].append(("assistant", "".join(raw)))
+        chat["messages"].append(("assistant", text))
 
 
 if __name__ == "__main__":  # `streamlit run` and AppTest run the script as __main__; tests import it

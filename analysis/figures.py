@@ -1,10 +1,14 @@
 """The comparison figures. Each function takes the tidy tables and returns a matplotlib Figure (so tests can
-inspect what was drawn); `save_figure` writes it as PNG (screens) and PDF (papers).
+inspect what was drawn); `all_figures` says, per figure, either the Figure or why it was left out, and what
+it left out (a panel with nothing to draw, runs evaluated once); `save_figure` writes PNG (screens) and PDF
+(papers).
 
-Conventions shared by every figure: colour = PE, line style / hatch = attention (analysis/style.py);
-several seeds of a combination are drawn as their mean with a ± std band or error bar; a combination with
-no finished run is drawn faded and marked with its status ("(failed)", "(running)"); a missing value is
-written "n/a" rather than drawn as zero. Figures pool sweeps: select one with `--group`.
+Conventions shared by every figure: colour and order = PE, line style / hatch / marker = attention
+(analysis/style.py, also used by the benchmark's bench.png); several seeds of a combination are drawn as
+their mean with a 95 % CI band or error bar (Student's t, as in the tables); a combination with no finished
+run is drawn faded and marked with its status ("(failed)", "(running)"); a missing value is written "n/a"
+rather than drawn as zero, and a panel that would hold nothing at all is not drawn. Figures pool sweeps:
+select one with `--group`.
 
 Figures are built with the object API (`Figure()`, no pyplot): no global backend or figure registry, so
 nothing needs a display and nothing leaks; saving renders with Agg (PNG) and the PDF backend.
@@ -12,6 +16,7 @@ nothing needs a display and nothing leaks; saving renders with Agg (PNG) and the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -20,8 +25,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import EngFormatter
 
 from analysis import metrics
+from analysis.stats import t_quantile
 from analysis.style import (
     ATTENTION_ORDER,
     PE_ORDER,
@@ -32,13 +39,27 @@ from analysis.style import (
     ordered,
     pe_color,
 )
-from analysis.tables import combination_table, table_metrics
+from analysis.tables import LIMIT, cannot_run_text, combination_table, na_reason, table_metrics, with_deltas
 from src.eval.config import HELLASWAG_ACC_NORM, extrapolation_context_key, extrapolation_loss_key
 
 FORMATS = ("png", "pdf")
 DPI = 150
 UNFINISHED_ALPHA = 0.45
 NA_TEXT = "n/a"
+BAND_TEXT = "95 % CI over seeds (t)"
+BAND_ALPHA = 0.12  # light: with few seeds the t interval is wide and must not hide the other curves
+MIN_EVALUATIONS = 2  # a validation curve needs at least two points to be a curve
+DODGE_OCTAVES = 0.025  # x offset between neighbouring PEs' error bars in the extrapolation figure
+LIMIT_MARKER = dict(marker="X", markersize=13, markeredgecolor="black", markeredgewidth=1.0, linestyle="none",
+                    zorder=5)
+
+
+@dataclass
+class Drawn:
+    """A figure of the report, or None with the reason in `notes[0]`; notes: one line per thing left out."""
+
+    figure: Figure | None
+    notes: list[str] = field(default_factory=list)
 
 
 def save_figure(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
@@ -51,10 +72,13 @@ def save_figure(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
 
 
 def _combinations(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per PE x attention (sweeps pooled): mean / std of each metric (context lengths included) and the
-    `unfinished` status."""
-    contexts = [extrapolation_context_key(m) for m in metrics.extrapolation_multipliers(runs.columns)]
-    return combination_table(runs.assign(sweep="all"), table_metrics(runs) + contexts)
+    """Per PE x attention (sweeps pooled): mean / CI of each metric (context lengths and Δ vs 1x included)
+    and the `unfinished` status."""
+    runs = with_deltas(runs)
+    multipliers = metrics.extrapolation_multipliers(runs.columns)
+    extra = [extrapolation_context_key(m) for m in multipliers if extrapolation_context_key(m) in runs]
+    extra += [metrics.extrapolation_delta_key(m) for m in multipliers if metrics.extrapolation_delta_key(m) in runs]
+    return combination_table(runs.assign(sweep="all"), table_metrics(runs) + extra)
 
 
 def _pes_and_attentions(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -62,9 +86,10 @@ def _pes_and_attentions(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 
 def _legend(fig: Figure, pes: list[str], attentions: list[str], style: str, statuses: set[str] = frozenset(),
-            seeds_band: bool = False) -> None:
+            ci: str | None = None, extra: list = ()) -> None:
     """One legend for the whole figure, outside the axes on the right: PE colours, attention styles, the
-    status markers used, and what the band means."""
+    status markers used, what the CI (`ci`: "band" or "bars", None when no combination has one) means, and
+    any figure-specific entries."""
     if style == "bar":
         handles = [Patch(facecolor=pe_color(pe), edgecolor="black", label=pe) for pe in pes]
         handles += [Patch(facecolor="white", edgecolor="black", hatch=attention_hatch(a), label=f"attention: {a}")
@@ -75,8 +100,11 @@ def _legend(fig: Figure, pes: list[str], attentions: list[str], style: str, stat
                            label=f"attention: {a}") for a in attentions]
     handles += [Line2D([], [], color="grey", linestyle="none", marker=STATUS_MARKERS[s], markersize=8,
                        label=f"{s} (not finished)") for s in sorted(statuses)]
-    if seeds_band:
-        handles.append(Patch(facecolor="grey", alpha=0.25, label="± std over seeds"))
+    if ci == "band":
+        handles.append(Patch(facecolor="grey", alpha=BAND_ALPHA, label=BAND_TEXT))
+    elif ci == "bars":
+        handles.append(Line2D([], [], color="black", marker="|", markersize=12, linestyle="none", label=BAND_TEXT))
+    handles += list(extra)
     fig.legend(handles=handles, loc="outside right upper", title="PE (colour) / attention (style)",
                fontsize="small")
 
@@ -85,46 +113,54 @@ def _legend(fig: Figure, pes: list[str], attentions: list[str], style: str, stat
 
 
 def _seed_mean(history: pd.DataFrame, run_ids: list[str], x: str, metric: str) -> pd.DataFrame:
-    """Mean / std over seeds at each step (x averaged too: seeds' wall-clock times differ)."""
+    """Mean and 95 % CI half-width over seeds at each step (x averaged too: seeds' wall-clock times differ)."""
     rows = history[history["run_id"].isin(run_ids)].dropna(subset=[x, metric])
     grouped = rows.groupby("step")
-    return pd.DataFrame({"x": grouped[x].mean(), "mean": grouped[metric].mean(),
-                         "std": grouped[metric].std(), "n": grouped[metric].size()}).reset_index()
+    curve = pd.DataFrame({"x": grouped[x].mean(), "mean": grouped[metric].mean(), "std": grouped[metric].std(),
+                          "n": grouped[metric].size()}).reset_index()
+    t = curve["n"].map(lambda n: t_quantile(n - 1) if n > 1 else np.nan)
+    return curve.assign(ci=t * curve["std"] / np.sqrt(curve["n"]))
 
 
-def loss_curves(runs: pd.DataFrame, history: pd.DataFrame, x: str = metrics.TOKENS) -> Figure:
-    """Training (and, where logged, validation) loss against tokens or wall-clock time, one column of
-    panels per attention mechanism, one curve per PE."""
+def evaluation_counts(runs: pd.DataFrame, history: pd.DataFrame, metric: str = metrics.VAL_LOSS) -> pd.Series:
+    """How many logged values of `metric` each run has (run_id -> count)."""
+    logged = history.dropna(subset=[metric]) if metric in history else history.iloc[:0]
+    return logged.groupby("run_id").size().reindex(runs["run_id"], fill_value=0)
+
+
+def loss_curves(runs: pd.DataFrame, history: pd.DataFrame, x: str = metrics.TOKENS,
+                metric: str = metrics.TRAIN_LOSS) -> Figure:
+    """`metric` (training or validation loss) against tokens or wall-clock time, one panel per attention
+    mechanism, one curve per PE (finished seeds as one mean curve with its CI band)."""
     pes, attentions = _pes_and_attentions(runs)
-    panels = [m for m in (metrics.TRAIN_LOSS, metrics.VAL_LOSS) if m in history and history[m].notna().any()]
-    panels = panels or [metrics.TRAIN_LOSS]
-    fig = Figure(figsize=(4.2 * max(len(attentions), 1) + 2.5, 3.2 * len(panels)), layout="constrained")
-    axes = fig.subplots(len(panels), max(len(attentions), 1), squeeze=False, sharex=True, sharey="row")
+    sparse = metric != metrics.TRAIN_LOSS  # evaluations are few: points with error bars
+    fig = Figure(figsize=(4.2 * len(attentions) + 2.5, 3.4), layout="constrained")
+    axes = fig.subplots(1, len(attentions), squeeze=False, sharex=True, sharey=True)[0]
     statuses, banded = set(), False
-    for row, metric in enumerate(panels):
-        for col, attention in enumerate(attentions):
-            ax = axes[row][col]
-            for pe in pes:
-                combo = runs[(runs["pe"] == pe) & (runs["attention"] == attention)]
-                finished = combo[combo["status"] == "finished"]
-                # the finished seeds as one mean curve, each unfinished run on its own
-                curves = [(list(finished["run_id"]), "finished")] if len(finished) else []
-                unfinished = combo[combo["status"] != "finished"]
-                curves += [([run_id], status) for run_id, status in zip(unfinished["run_id"], unfinished["status"])]
-                for run_ids, status in curves:
-                    curve = _seed_mean(history, run_ids, x, metric)
-                    if curve.empty:
-                        continue
-                    banded |= _draw_curve(ax, curve, pe, attention, metric == metrics.VAL_LOSS, status)
-                    if status != "finished":
-                        statuses.add(status)
-            if not ax.has_data():
-                ax.text(0.5, 0.5, NA_TEXT, transform=ax.transAxes, ha="center", va="center", color="grey")
-            ax.set_title(f"attention: {attention}" if row == 0 else "")
-            ax.set_xlabel(metrics.label(x))
-            ax.set_ylabel(metrics.label(metric) if col == 0 else "")
-            ax.grid(alpha=0.3)
-    _legend(fig, pes, attentions, "line", statuses, banded)
+    for ax, attention in zip(axes, attentions):
+        for pe in pes:
+            combo = runs[(runs["pe"] == pe) & (runs["attention"] == attention)]
+            finished = combo[combo["status"] == "finished"]
+            # the finished seeds as one mean curve, each unfinished run on its own
+            curves = [(list(finished["run_id"]), "finished")] if len(finished) else []
+            unfinished = combo[combo["status"] != "finished"]
+            curves += [([run_id], status) for run_id, status in zip(unfinished["run_id"], unfinished["status"])]
+            for run_ids, status in curves:
+                curve = _seed_mean(history, run_ids, x, metric)
+                if curve.empty:
+                    continue
+                banded |= _draw_curve(ax, curve, pe, attention, sparse, status)
+                if status != "finished":
+                    statuses.add(status)
+        if not ax.has_data():
+            ax.text(0.5, 0.5, NA_TEXT, transform=ax.transAxes, ha="center", va="center", color="grey")
+        ax.set_title(f"attention: {attention}")
+        ax.set_xlabel(metrics.label(x))
+        if x == metrics.TOKENS:  # 800k, not 800000: six-digit ticks run into each other
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metrics.label(metric))
+    _legend(fig, pes, attentions, "line", statuses, ("bars" if sparse else "band") if banded else None)
     return fig
 
 
@@ -133,73 +169,82 @@ def _draw_curve(ax, curve: pd.DataFrame, pe: str, attention: str, sparse: bool, 
     alpha = 1.0 if status == "finished" else UNFINISHED_ALPHA
     style = {"color": pe_color(pe), "linestyle": attention_linestyle(attention), "alpha": alpha}
     banded = bool((curve["n"] > 1).any())
-    if sparse:  # evaluations are few: points with error bars
-        ax.errorbar(curve["x"], curve["mean"], yerr=curve["std"].fillna(0) if banded else None,
-                    marker=attention_marker(attention), capsize=3, **style)
+    ci = curve["ci"].fillna(0)
+    if sparse:
+        ax.errorbar(curve["x"], curve["mean"], yerr=ci if banded else None, marker=attention_marker(attention),
+                    capsize=3, **style)
     else:
         ax.plot(curve["x"], curve["mean"], linewidth=1.5, **style)
         if banded:
-            ax.fill_between(curve["x"], curve["mean"] - curve["std"].fillna(0), curve["mean"] + curve["std"].fillna(0),
-                            color=pe_color(pe), alpha=0.2, linewidth=0)
+            ax.fill_between(curve["x"], curve["mean"] - ci, curve["mean"] + ci, color=pe_color(pe),
+                            alpha=BAND_ALPHA, linewidth=0)
     if status != "finished":
         last = curve.iloc[-1]
-        ax.plot([last["x"]], [last["mean"]], marker=STATUS_MARKERS[status], color=pe_color(pe), markersize=9,
-                linestyle="none")
+        ax.plot([last["x"]], [last["mean"]], marker=STATUS_MARKERS.get(status, "?"), color=pe_color(pe),
+                markersize=9, linestyle="none")
         ax.annotate(f"{pe} ({status})", (last["x"], last["mean"]), textcoords="offset points", xytext=(4, 4),
                     fontsize="x-small", color=pe_color(pe))
     return banded
+
+
+def validation_curves(runs: pd.DataFrame, history: pd.DataFrame) -> Drawn:
+    """Validation loss vs tokens from the runs evaluated at least MIN_EVALUATIONS times; the others are left
+    out (a single final evaluation is a point, not a curve: the extrapolation figure and the tables have it)."""
+    counts = runs["run_id"].map(evaluation_counts(runs, history))
+    curved, single = runs[counts >= MIN_EVALUATIONS], runs[counts < MIN_EVALUATIONS]
+    at_end_only = (single["trainer.eval_every"] == 0).all()
+    reason = f"evaluated fewer than {MIN_EVALUATIONS} times" + (
+        " (trainer.eval_every=0: at the end only; set trainer.eval_every to draw validation curves)" if at_end_only
+        else " (stopped before a second evaluation)")
+    if curved.empty:
+        return Drawn(None, [f"Validation-loss curves omitted: every run was {reason}"])
+    notes = [f"Validation-loss curves: {len(single)} of {len(runs)} runs left out, {reason}"] if len(single) else []
+    return Drawn(loss_curves(curved, history, metrics.TOKENS, metrics.VAL_LOSS), notes)
 
 
 # ------------------------------------------------------------------------------------- bar charts
 
 
 def _bar_panel(ax, combos: pd.DataFrame, metric: str, scale: float = 1.0) -> None:
-    """One bar per PE x attention: mean ± std over seeds; n/a where the metric is missing."""
+    """One bar per PE x attention: mean ± 95 % CI over seeds; n/a where the metric is missing."""
     positions = np.arange(len(combos))
     means = combos[f"{metric} mean"].to_numpy(dtype="float64") * scale
-    stds = combos[f"{metric} std"].to_numpy(dtype="float64") * scale
+    cis = combos[f"{metric} ci95"].to_numpy(dtype="float64") * scale
     for i, combo in enumerate(combos.to_dict("records")):
         if np.isnan(means[i]):
             continue
-        ax.bar(positions[i], means[i], yerr=None if np.isnan(stds[i]) else stds[i], capsize=3,
+        ax.bar(positions[i], means[i], yerr=None if np.isnan(cis[i]) else cis[i], capsize=3,
                color=pe_color(combo["pe"]), hatch=attention_hatch(combo["attention"]), edgecolor="black",
                alpha=UNFINISHED_ALPHA if combo["unfinished"] else 1.0)
-    if np.isnan(means).all():
-        why = " (null off-GPU,\ne.g. CPU runs)" if metric == metrics.MFU else ""
-        ax.text(0.5, 0.5, f"{NA_TEXT}: no {metric} logged{why}", transform=ax.transAxes, ha="center", va="center",
-                color="grey")
-        ax.set_yticks([])
-    else:
-        top = np.nanmax(means + np.nan_to_num(stds))
-        for i in np.flatnonzero(np.isnan(means)):
-            ax.text(positions[i], 0.02 * top, NA_TEXT, ha="center", va="bottom", color="grey", fontsize="small")
-        ax.set_ylim(0, top * 1.15)
+    top = np.nanmax(means + np.nan_to_num(cis))
+    for i in np.flatnonzero(np.isnan(means)):
+        ax.text(positions[i], 0.02 * top, NA_TEXT, ha="center", va="bottom", color="grey", fontsize="small")
+    ax.set_ylim(0, top * 1.15)
     ax.set_xticks(positions, [f"{c['pe']} / {c['attention']}" + (f" ({c['unfinished']})" if c["unfinished"] else "")
                               for c in combos.to_dict("records")], rotation=45, ha="right", fontsize="small")
     ax.set_ylabel(metrics.label(metric))
-    ax.set_xlabel("PE / attention")
     ax.grid(axis="y", alpha=0.3)
 
 
-def throughput_bars(runs: pd.DataFrame) -> Figure:
-    """Training throughput (median tokens/s per run) and MFU over the grid."""
-    combos = _combinations(runs)
-    fig = Figure(figsize=(max(8.0, 1.1 * len(combos)) + 2.5, 4.2), layout="constrained")
-    tokens_ax, mfu_ax = fig.subplots(1, 2)
-    _bar_panel(tokens_ax, combos, metrics.TOKENS_PER_S)
-    _bar_panel(mfu_ax, combos, metrics.MFU, scale=100.0)
-    _legend(fig, *_pes_and_attentions(runs), "bar")
-    return fig
+EFFICIENCY_PANELS = [(metrics.TOKENS_PER_S, 1.0), (metrics.PEAK_MEM, 1.0), (metrics.MFU, 100.0)]
 
 
-def memory_bars(runs: pd.DataFrame) -> Figure:
-    """Peak memory per combination (GPU: max allocated; CPU: the process's peak RSS)."""
+def efficiency_bars(runs: pd.DataFrame) -> Drawn:
+    """Throughput (median tokens/s), peak memory (GPU max allocated; CPU peak RSS) and MFU per combination,
+    one panel each, stacked over shared x labels; a metric no run has (MFU on CPU) gets no panel."""
     combos = _combinations(runs)
-    fig = Figure(figsize=(max(5.0, 0.6 * len(combos)) + 2.5, 4.2), layout="constrained")
-    ax = fig.subplots()
-    _bar_panel(ax, combos, metrics.PEAK_MEM)
-    _legend(fig, *_pes_and_attentions(runs), "bar")
-    return fig
+    panels = [(m, scale) for m, scale in EFFICIENCY_PANELS if combos[f"{m} mean"].notna().any()]
+    notes = [f"{metrics.label(m)} panel left out: {na_reason(m, runs)}" for m, _ in EFFICIENCY_PANELS
+             if m not in dict(panels)]
+    if not panels:
+        return Drawn(None, ["Throughput and memory figure omitted: no run logged throughput or memory"])
+    fig = Figure(figsize=(max(5.0, 0.55 * len(combos)) + 2.5, 2.6 * len(panels) + 1.2), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
+    for ax, (metric, scale) in zip(axes, panels):
+        _bar_panel(ax, combos, metric, scale)
+    axes[-1].set_xlabel("PE / attention")
+    _legend(fig, *_pes_and_attentions(runs), "bar", ci="bars" if (combos["n"] > 1).any() else None)
+    return Drawn(fig, notes)
 
 
 # ------------------------------------------------------------------------------------- heatmap
@@ -225,7 +270,7 @@ def hellaswag_heatmap(runs: pd.DataFrame, metric: str = HELLASWAG_ACC_NORM) -> F
             text = NA_TEXT
             if (pe, attention) in combos.index:
                 combo = combos.loc[(pe, attention)]
-                text = metrics.format_mean_std(metric, combo[f"{metric} mean"], combo[f"{metric} std"])
+                text = metrics.format_mean_ci(metric, combo[f"{metric} mean"], combo[f"{metric} ci95"])
                 if combo["unfinished"] and text != NA_TEXT:
                     text += f"\n({combo['unfinished']})"
             ax.text(j, i, text, ha="center", va="center", fontsize="small",
@@ -242,57 +287,109 @@ def hellaswag_heatmap(runs: pd.DataFrame, metric: str = HELLASWAG_ACC_NORM) -> F
 # ------------------------------------------------------------------------------------- extrapolation
 
 
+def _training_context(runs: pd.DataFrame) -> float | None:
+    """L, the training context, when every run shares one (then the x axis is in tokens, with ×L on top)."""
+    key = extrapolation_context_key(1)
+    values = runs[key].dropna().unique() if key in runs else runs["model.block_size"].dropna().unique()
+    return float(values[0]) if len(values) == 1 else None
+
+
 def extrapolation_curves(runs: pd.DataFrame) -> Figure:
-    """Final validation loss against evaluation context length (1x, 2x, ... the training context), one panel
-    per attention. Lengths a PE cannot run (learned beyond 1x) are null and skipped."""
+    """Final validation loss (top row) and its change vs 1x of the same run (bottom row, when 1x was
+    evaluated) against the evaluation context length, one column per attention. The training context L is a
+    dashed line; the x axis is in tokens (bottom) and ×L (top) when all runs share one L, else in ×L. A PE
+    that cannot run past some length (learned past 1x) ends in a large X marker with a note; lengths it
+    cannot run are not drawn."""
     pes, attentions = _pes_and_attentions(runs)
     multipliers = metrics.extrapolation_multipliers(runs.columns)
     combos = _combinations(runs)
-    fig = Figure(figsize=(4.2 * max(len(attentions), 1) + 2.5, 3.6), layout="constrained")
-    axes = fig.subplots(1, max(len(attentions), 1), squeeze=False, sharey=True)
-    statuses, banded = set(), False
+    length = _training_context(runs)
+    # the Δ row needs the 1x loss to subtract
+    views = (False, True) if 1 in multipliers else (False,)
+    fig = Figure(figsize=(4.4 * len(attentions) + 2.8, 3.2 * len(views)), layout="constrained")
+    axes = fig.subplots(len(views), len(attentions), squeeze=False, sharex=True, sharey="row")
+    statuses, banded, limited = set(), False, False
     for col, attention in enumerate(attentions):
-        ax = axes[0][col]
-        for combo in combos[combos["attention"] == attention].to_dict("records"):
-            points = [(combo.get(f"{extrapolation_context_key(m)} mean", np.nan),
-                       combo[f"{extrapolation_loss_key(m)} mean"], combo[f"{extrapolation_loss_key(m)} std"])
-                      for m in multipliers]
-            points = [p for p in points if np.isfinite(p[0]) and np.isfinite(p[1])]
-            if not points:
-                continue
-            context, loss, std = (np.array(v, dtype="float64") for v in zip(*points))
-            has_band = bool(np.isfinite(std).any())
-            banded |= has_band
-            ax.errorbar(context, loss, yerr=np.nan_to_num(std) if has_band else None, capsize=3,
-                        color=pe_color(combo["pe"]), linestyle=attention_linestyle(attention),
-                        marker=attention_marker(attention), alpha=UNFINISHED_ALPHA if combo["unfinished"] else 1.0,
-                        label=combo["pe"])
-            if combo["unfinished"]:
-                statuses.add(combo["unfinished"])
-                ax.annotate(f"{combo['pe']} ({combo['unfinished']})", (context[-1], loss[-1]), fontsize="x-small",
-                            textcoords="offset points", xytext=(4, 4), color=pe_color(combo["pe"]))
-        if not ax.has_data():
-            ax.text(0.5, 0.5, NA_TEXT, transform=ax.transAxes, ha="center", va="center", color="grey")
-        else:  # context lengths double: log2 axis, ticks at the measured lengths
-            ax.set_xscale("log", base=2)
-            contexts = sorted({x for line in ax.lines for x in line.get_xdata()})
-            ax.set_xticks(contexts, [f"{x:.0f}" for x in contexts])
-            ax.minorticks_off()
-        ax.set_title(f"attention: {attention}")
-        ax.set_xlabel("evaluation context length (tokens)")
-        ax.set_ylabel(metrics.label(metrics.VAL_LOSS) if col == 0 else "")
-        ax.grid(alpha=0.3)
-    _legend(fig, pes, attentions, "line", statuses, banded)
+        panel = combos[combos["attention"] == attention].to_dict("records")
+        # error bars of PEs at the same length would hide each other: spread them a little along x
+        dodge = 2.0 ** (DODGE_OCTAVES * (np.arange(len(panel)) - (len(panel) - 1) / 2))
+        if not (combos["n"] > 1).any():
+            dodge[:] = 1.0
+        for row, delta in enumerate(views):
+            ax = axes[row][col]
+            for combo, shift in zip(panel, dodge):
+                key = metrics.extrapolation_delta_key if delta else extrapolation_loss_key
+                points = [((m * length if length else m) * shift,
+                           0.0 if delta and m == 1 else combo.get(f"{key(m)} mean", np.nan),
+                           np.nan if delta and m == 1 else combo.get(f"{key(m)} ci95", np.nan)) for m in multipliers]
+                points = [p for p in points if np.isfinite(p[1])]
+                if not points:
+                    continue
+                x, y, ci = (np.array(v, dtype="float64") for v in zip(*points))
+                has_band = bool(np.isfinite(ci).any())
+                banded |= has_band
+                color, alpha = pe_color(combo["pe"]), UNFINISHED_ALPHA if combo["unfinished"] else 1.0
+                ax.errorbar(x, y, yerr=np.nan_to_num(ci) if has_band else None, capsize=3, color=color,
+                            linestyle=attention_linestyle(attention), marker=attention_marker(attention), alpha=alpha,
+                            label=combo["pe"])
+                if np.isfinite(combo[LIMIT]):  # the PE stops here: make its last point impossible to miss
+                    limited = True
+                    ax.plot(x[-1:], y[-1:], color=color, alpha=alpha, **LIMIT_MARKER)
+                    ax.annotate(f"{combo['pe']}: {cannot_run_text(combo)}", (x[-1], y[-1]), textcoords="offset points",
+                                xytext=(28, 22 if delta else -28), fontsize="small", color=color, fontweight="bold",
+                                bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor=color, alpha=0.9),
+                                arrowprops=dict(arrowstyle="-", color=color), zorder=6)
+                if combo["unfinished"]:
+                    statuses.add(combo["unfinished"])
+                    ax.annotate(f"{combo['pe']} ({combo['unfinished']})", (x[-1], y[-1]), fontsize="x-small",
+                                textcoords="offset points", xytext=(4, 4), color=color)
+            _extrapolation_axes(ax, multipliers, length, top=row == 0, bottom=row == len(views) - 1)
+            if row == 0:
+                ax.set_title(f"attention: {attention}")
+            if col == 0:
+                ax.set_ylabel("Δ loss vs 1× (nats)" if delta else metrics.label(metrics.VAL_LOSS))
+            if delta:
+                ax.axhline(0.0, color="grey", linewidth=0.8)
+    extra = [Line2D([], [], color="grey", linestyle="--", label="training context L")]
+    if limited:
+        extra.append(Line2D([], [], color="grey", label="last length the PE can run", **LIMIT_MARKER))
+    _legend(fig, pes, attentions, "line", statuses, "bars" if banded else None, extra)
     return fig
 
 
-def all_figures(runs: pd.DataFrame, history: pd.DataFrame) -> dict[str, Figure]:
-    """Every figure of the report, by file stem."""
-    return {
-        "loss_vs_tokens": loss_curves(runs, history, metrics.TOKENS),
-        "loss_vs_time": loss_curves(runs, history, metrics.ELAPSED),
-        "throughput": throughput_bars(runs),
-        "peak_memory": memory_bars(runs),
-        "hellaswag_acc_norm": hellaswag_heatmap(runs),
-        "extrapolation": extrapolation_curves(runs),
+def _extrapolation_axes(ax, multipliers: list[int], length: float | None, top: bool, bottom: bool) -> None:
+    """log2 x axis ticked at the evaluated lengths: tokens at the bottom and ×L on top (one L), or ×L."""
+    if not ax.has_data():
+        ax.text(0.5, 0.5, NA_TEXT, transform=ax.transAxes, ha="center", va="center", color="grey")
+    ax.set_xscale("log", base=2)
+    ticks = [m * length for m in multipliers] if length else multipliers
+    ax.set_xticks(ticks, [f"{t:.0f}" if length else f"{t}×" for t in ticks])
+    ax.minorticks_off()
+    ax.axvline(length or 1, color="grey", linestyle="--", linewidth=1)
+    ax.grid(alpha=0.3)
+    if bottom:
+        ax.set_xlabel("evaluation context (tokens)" if length else "evaluation context (× the run's training L)")
+    if top and length:
+        secondary = ax.secondary_xaxis("top", functions=(lambda x: x / length, lambda m: m * length))
+        secondary.set_xticks(multipliers, [f"{m}×L" for m in multipliers])
+        secondary.minorticks_off()
+
+
+def all_figures(runs: pd.DataFrame, history: pd.DataFrame) -> dict[str, Drawn]:
+    """Every figure of the report, by file stem: drawn, or None with the reason."""
+    drawn = {
+        "loss_vs_tokens": Drawn(loss_curves(runs, history, metrics.TOKENS)),
+        "val_loss_vs_tokens": validation_curves(runs, history),
+        "loss_vs_time": Drawn(loss_curves(runs, history, metrics.ELAPSED)),
+        "efficiency": efficiency_bars(runs),
     }
+    if runs[HELLASWAG_ACC_NORM].notna().any():
+        drawn["hellaswag_acc_norm"] = Drawn(hellaswag_heatmap(runs))
+    else:
+        drawn["hellaswag_acc_norm"] = Drawn(None, [f"HellaSwag figure omitted: {na_reason(HELLASWAG_ACC_NORM, runs)}"])
+    if metrics.extrapolation_multipliers(runs.columns):
+        drawn["extrapolation"] = Drawn(extrapolation_curves(runs))
+    else:
+        drawn["extrapolation"] = Drawn(None, ["Length-extrapolation figure omitted: no run was evaluated at "
+                                              "another context length"])
+    return drawn

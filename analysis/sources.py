@@ -2,8 +2,10 @@
 (tables, figures, report) is written once and cannot tell where a run came from.
 
 - `runs`: one row per run. Identity columns (`RUN_COLUMNS`: run_id, name, label, pe, attention, seed, sweep,
-  status, error, source, location, step, tokens, num_params) then one column per final metric
-  (`val/loss`, `hellaswag/acc_norm`, `extrapolation/loss_x2`, `perf/tokens_per_s`, ...), NaN when missing.
+  status, error, source, location, step, tokens, num_params), the set-up columns (`SETUP_COLUMNS`: model
+  sizes, data, tokenizer, budgets from the config; device, git commit, torch version from the summary;
+  missing where a record predates them), then one column per final metric (`val/loss`,
+  `hellaswag/acc_norm`, `extrapolation/loss_x2`, `perf/tokens_per_s`, ...), NaN when missing.
 - `history`: one row per (run_id, step), one float column per logged metric (the metric names of the run
   record, README "Run record"); a training row and an evaluation row logged at the same step are merged.
 
@@ -32,9 +34,21 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 RUN_COLUMNS = ["run_id", "name", "label", "pe", "attention", "seed", "sweep", "status", "error", "source",
                "location", "step", "tokens", "num_params"]
-STATUSES = ["finished", "running", "failed", "unknown"]
+STATUSES = ["finished", "running", "interrupted", "failed", "unknown"]
+# What the report's set-up section describes: config keys (config.yaml / the W&B run config, dotted) and
+# summary keys. Numeric ones are floats in `runs`, the others text.
+SETUP_CONFIG_NUMERIC = ["model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size",
+                        "trainer.max_steps", "trainer.total_batch_tokens", "trainer.lr", "trainer.min_lr_ratio",
+                        "trainer.warmup_steps", "trainer.weight_decay", "trainer.eval_every", "eval.val.num_tokens",
+                        "eval.extrapolation.num_tokens", "eval.hellaswag.limit"]
+SETUP_CONFIG_TEXT = ["data.name", "data.tokenizer", "data.path", "data.hf_path", "eval.hellaswag.enabled"]
+SETUP_SUMMARY_NUMERIC = ["world_size"]
+SETUP_SUMMARY_TEXT = ["device", "git_commit", "torch_version", "config_fingerprint", "eval/preset"]
+SETUP_NUMERIC = SETUP_CONFIG_NUMERIC + SETUP_SUMMARY_NUMERIC
+SETUP_TEXT = SETUP_CONFIG_TEXT + SETUP_SUMMARY_TEXT
+SETUP_COLUMNS = SETUP_NUMERIC + SETUP_TEXT
 # Summary keys that describe the run rather than measure it; everything else numeric is a final metric.
-_NOT_METRICS = {"run_name", "device", "world_size", "max_steps", "wandb_run_id", *RUN_COLUMNS} - {"tokens"}
+_NOT_METRICS = {"run_name", "max_steps", "wandb_run_id", *RUN_COLUMNS, *SETUP_COLUMNS} - {"tokens"}
 # W&B run states -> the run record's status vocabulary (a crashed or killed run failed).
 _WANDB_STATES = {"finished": "finished", "running": "running", "pending": "running", "preempted": "running",
                  "crashed": "failed", "failed": "failed", "killed": "failed"}
@@ -109,25 +123,43 @@ def final_from_history(history: pd.DataFrame) -> dict[str, float]:
     return final
 
 
-def run_row(identity: dict, summary: dict, history: pd.DataFrame) -> dict:
-    """One row of `runs`: identity, then the summary's numbers, then whatever only the history has."""
+def setup_values(config: dict, summary: dict) -> dict:
+    """The set-up columns of one run, None where its record does not say."""
+    values = {key: nested_get(config, key) for key in SETUP_CONFIG_NUMERIC + SETUP_CONFIG_TEXT}
+    values |= {key: summary.get(key) for key in SETUP_SUMMARY_NUMERIC + SETUP_SUMMARY_TEXT}
+    return values
+
+
+def run_row(identity: dict, setup: dict, summary: dict, history: pd.DataFrame) -> dict:
+    """One row of `runs`: identity, set-up, then the summary's numbers, then whatever only the history has."""
     from_summary = {k: float(v) for k, v in summary.items()
                     if k not in _NOT_METRICS and not k.startswith("_") and _is_number(v) and math.isfinite(v)}
     final = final_from_history(history) | from_summary
-    return {**identity, "step": _first_present(summary.get("step"), history["step"].max() if len(history) else None),
-            "tokens": final.pop("tokens", None), **{k: v for k, v in final.items() if k not in RUN_COLUMNS}}
+    return {**identity, **setup,
+            "step": _first_present(summary.get("step"), history["step"].max() if len(history) else None),
+            "tokens": final.pop("tokens", None),
+            **{k: v for k, v in final.items() if k not in RUN_COLUMNS and k not in SETUP_COLUMNS}}
+
+
+def _as_text(value: Any) -> str | None:
+    """A set-up value as the config writes it (`true`, not `True`); missing stays missing."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def runs_frame(rows: list[dict]) -> pd.DataFrame:
     """The `runs` table with fixed dtypes (the same whether built fresh or read back from Parquet)."""
     frame = pd.DataFrame(rows)
-    for column in RUN_COLUMNS + SUMMARY_METRICS:  # always there, NaN when no run logged them (MFU on CPU)
+    for column in RUN_COLUMNS + SETUP_COLUMNS + SUMMARY_METRICS:  # always there, NaN when not logged (MFU on CPU)
         if column not in frame:
             frame[column] = None
-    metric_columns = sorted(c for c in frame.columns if c not in RUN_COLUMNS)
-    frame = frame[RUN_COLUMNS + metric_columns]
+    metric_columns = sorted(c for c in frame.columns if c not in RUN_COLUMNS and c not in SETUP_COLUMNS)
+    frame = frame[RUN_COLUMNS + SETUP_COLUMNS + metric_columns]
     text = ["run_id", "name", "label", "pe", "attention", "sweep", "status", "error", "source", "location"]
     frame[text] = frame[text].astype("str")  # pandas' string dtype; missing stays missing
+    frame[SETUP_TEXT] = frame[SETUP_TEXT].map(_as_text).astype("str")
+    frame[SETUP_NUMERIC] = frame[SETUP_NUMERIC].apply(pd.to_numeric, errors="coerce").astype("float64")
     frame["status"] = frame["status"].where(frame["status"].isin(STATUSES), "unknown")
     frame[["pe", "attention"]] = frame[["pe", "attention"]].fillna("unknown")  # a record without summary or config
     for column in ["seed", "step", "num_params"]:
@@ -162,8 +194,13 @@ def combine(tables: list[Tables], sweep: str | None = None) -> Tables:
 
 
 def find_run_dirs(root: Path) -> list[Path]:
-    """Every directory under root (root included) holding a summary.json or a metrics.jsonl."""
-    found = {p.parent.resolve() for name in (SUMMARY_FILE, METRICS_FILE) for p in root.rglob(name)}
+    """Every directory under root (root included) holding a summary.json or a metrics.jsonl, except under
+    hidden directories below root: `.superseded/` (records a sweep moved aside), `.sweep_logs/`, `.hydra/`."""
+    found = set()
+    for name in (SUMMARY_FILE, METRICS_FILE):
+        for path in root.rglob(name):
+            if not any(part.startswith(".") for part in path.relative_to(root).parts[:-1]):
+                found.add(path.parent.resolve())
     return sorted(found)
 
 
@@ -200,7 +237,7 @@ def load_local_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
         "location": run_id,
         "num_params": summary.get("num_params"),
     }
-    return run_row(identity, summary, history), history
+    return run_row(identity, setup_values(config, summary), summary, history), history
 
 
 def load_local(roots: Iterable[str | Path]) -> Tables:
@@ -265,7 +302,7 @@ def _wandb_tables(path: str, fetched: list[dict]) -> Tables:
             "location": f"wandb:{run_id}",
             "num_params": summary.get("num_params"),
         }
-        rows.append(run_row(identity, summary, history))
+        rows.append(run_row(identity, setup_values(config, summary), summary, history))
         histories.append(history)
     return Tables(runs_frame(rows), concat_histories(histories))
 

@@ -1,29 +1,63 @@
-"""The final-metrics tables: one row per PE x attention combination (mean ± std over its seeds) and one row
-per run, as CSV (numbers, for further analysis) and Markdown (formatted, for the report).
+"""The tables: the paper tables (validation loss and extrapolation; throughput and memory), one row per PE x
+attention, as Markdown, LaTeX (booktabs) and CSV; and the reference tables, every metric per combination
+(`final_metrics`) and per run (`runs`), as Markdown and CSV.
 
-A combination's numbers are averaged over its finished runs; only when none has finished are its running
-or failed runs used, and its `status` column always counts every run (e.g. "1 finished, 1 failed"), so a
-partial result is never mistaken for a final one.
+A combination's numbers are the mean and 95 % CI (analysis/stats.py) over its finished runs; only when none
+has finished are its running or failed runs used, and its `status` always counts every run (e.g.
+"1 finished, 1 failed"), so a partial result is never mistaken for a final one.
+
+Paper tables: the best value per column is bold (among finished combinations, when at least two have one);
+a column that is n/a for every combination is dropped, and the table says why in one line; a length a PE
+cannot run (learned past 1x) reads "cannot run past 1×", never n/a or a number.
 """
 
 from __future__ import annotations
 
+import csv
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis import metrics
 from analysis.sources import STATUSES
+from analysis.stats import CI_TEXT, mean_ci
 from analysis.style import ATTENTION_ORDER, PE_ORDER, ordered
+from src.eval.config import extrapolation_context_key
 
 GROUP_KEYS = ["sweep", "pe", "attention"]
 RUN_TABLE_COLUMNS = ["label", "sweep", "pe", "attention", "seed", "status", "step"]
+LIMIT = "extrapolation limit"  # combination_table column: the largest m× a PE could run when it refused a longer one
+NA = "n/a"
+
+# Paper-table headers: (Markdown, LaTeX), short because the caption gives the units.
+HEADERS = {
+    metrics.VAL_LOSS: ("val loss", "val loss"),
+    metrics.HELLASWAG_ACC_NORM: ("HellaSwag acc_norm", "HellaSwag acc\\textsubscript{norm}"),
+    metrics.TOKENS_PER_S: ("tokens/s", "tokens/s"),
+    metrics.PEAK_MEM: ("peak memory (MiB)", "peak mem.\\ (MiB)"),
+    metrics.MFU: ("MFU", "MFU"),
+    metrics.ELAPSED: ("training time (s)", "train time (s)"),
+}
+IDENTITY_HEADERS = {"sweep": "sweep", "pe": "PE", "attention": "attention", "n": "n", "status": "status"}
 
 
 def table_metrics(runs: pd.DataFrame) -> list[str]:
-    """The metrics the tables show: the fixed set (n/a where absent), extrapolation losses after val/loss."""
+    """The metrics the reference tables show: the fixed set (n/a where absent), extrapolation losses after
+    val/loss."""
     extrapolation = [metrics.extrapolation_loss_key(m) for m in metrics.extrapolation_multipliers(runs.columns)]
     return metrics.SUMMARY_METRICS[:1] + extrapolation + metrics.SUMMARY_METRICS[1:]
+
+
+def with_deltas(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` plus `extrapolation/delta_x{m}` = loss at m x − loss at 1x of the same run (paired: the mean Δ
+    and its CI are over seeds of the difference, not a difference of means)."""
+    base = metrics.extrapolation_loss_key(1)
+    if base not in runs:
+        return runs
+    return runs.assign(**{metrics.extrapolation_delta_key(m): runs[metrics.extrapolation_loss_key(m)] - runs[base]
+                          for m in metrics.extrapolation_multipliers(runs.columns) if m != 1})
 
 
 def status_counts(statuses: pd.Series) -> str:
@@ -38,6 +72,23 @@ def unfinished_status(statuses: pd.Series) -> str:
     return next(s for s in STATUSES if (statuses == s).any())
 
 
+def used_runs(group: pd.DataFrame) -> pd.DataFrame:
+    """The runs a combination's numbers come from: its finished runs if any, else all of them."""
+    finished = group[group["status"] == "finished"]
+    return finished if len(finished) else group
+
+
+def extrapolation_limit(used: pd.DataFrame) -> float:
+    """The largest multiplier the runs ran at, when a longer one was asked for and none of them could run it
+    (its context is recorded, its loss null: learned past 1x); NaN otherwise."""
+    multipliers = metrics.extrapolation_multipliers(used.columns)
+    ran = [m for m in multipliers if used[metrics.extrapolation_loss_key(m)].notna().any()]
+    refused = [m for m in multipliers if extrapolation_context_key(m) in used
+               and used[extrapolation_context_key(m)].notna().any()
+               and used[metrics.extrapolation_loss_key(m)].isna().all()]
+    return float(max(ran)) if ran and refused else float("nan")
+
+
 def _sort_combinations(frame: pd.DataFrame) -> pd.DataFrame:
     pe_rank = {pe: i for i, pe in enumerate(ordered(frame["pe"].dropna(), PE_ORDER))}
     attention_rank = {a: i for i, a in enumerate(ordered(frame["attention"].dropna(), ATTENTION_ORDER))}
@@ -47,25 +98,245 @@ def _sort_combinations(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def combination_table(runs: pd.DataFrame, shown: list[str] | None = None) -> pd.DataFrame:
-    """One row per (sweep, pe, attention): runs, seeds, status, unfinished, then `<metric> mean` / `std` for
-    each metric in `shown` (default: table_metrics)."""
+    """One row per (sweep, pe, attention): runs, n (runs averaged), seeds, status, unfinished, the
+    extrapolation limit, then `<metric> mean` / `ci95` (half-width) / `n` for each metric in `shown`
+    (default: table_metrics)."""
     shown = table_metrics(runs) if shown is None else shown
     rows = []
     for (sweep, pe, attention), group in runs.groupby(GROUP_KEYS, dropna=False, sort=False):
-        finished = group[group["status"] == "finished"]
-        used = finished if len(finished) else group
-        row = {"sweep": sweep, "pe": pe, "attention": attention, "runs": len(group),
+        used = used_runs(group)
+        row = {"sweep": sweep, "pe": pe, "attention": attention, "runs": len(group), "n": len(used),
                "seeds": ", ".join(str(s) for s in sorted(group["seed"].dropna().unique())),
-               "status": status_counts(group["status"]), "unfinished": unfinished_status(group["status"])}
+               "status": status_counts(group["status"]), "unfinished": unfinished_status(group["status"]),
+               LIMIT: extrapolation_limit(used)}
         for metric in shown:
-            values = used[metric].dropna() if metric in used else pd.Series(dtype="float64")
-            row[f"{metric} mean"] = values.mean() if len(values) else float("nan")
-            row[f"{metric} std"] = values.std() if len(values) > 1 else float("nan")
+            mean, half, n = mean_ci(used[metric]) if metric in used else (float("nan"), float("nan"), 0)
+            row |= {f"{metric} mean": mean, f"{metric} ci95": half, f"{metric} n": n}
         rows.append(row)
-    columns = [*GROUP_KEYS, "runs", "seeds", "status", "unfinished"]
+    columns = [*GROUP_KEYS, "runs", "n", "seeds", "status", "unfinished", LIMIT]
     if not rows:
         return pd.DataFrame(columns=columns)
     return _sort_combinations(pd.DataFrame(rows))
+
+
+# ------------------------------------------------------------------------------------- paper tables
+
+
+@dataclass
+class PaperTable:
+    stem: str  # file stem: <stem>.md / .tex / .csv
+    title: str
+    caption: str
+    frame: pd.DataFrame  # combination_table rows
+    columns: list[str]  # the metrics shown, in order
+    identity: list[str]  # the identity columns shown ("pe", "attention", "n", ...)
+    dropped: list[str] = field(default_factory=list)  # "<what>: <why>", one per dropped column
+    constant: list[str] = field(default_factory=list)  # "attention: regular": a column with one value, said once
+
+
+def _is_cannot_run(row: dict, metric: str) -> bool:
+    multiplier = metrics.extrapolation_multiplier(metric)
+    return (multiplier is not None and np.isfinite(row[LIMIT]) and multiplier > row[LIMIT]
+            and not np.isfinite(row[f"{metric} mean"]))
+
+
+def cannot_run_text(row: dict) -> str:
+    return f"cannot run past {row[LIMIT]:.0f}×"
+
+
+def _best(frame: pd.DataFrame, metric: str) -> str | None:
+    """The best mean among finished combinations as displayed (so equal-looking values are all bold), None
+    when fewer than two have one (nothing to compare)."""
+    values = frame.loc[frame["unfinished"] == "", f"{metric} mean"].dropna()
+    if len(values) < 2:
+        return None
+    return metrics.format_number(metric, values.max() if metrics.higher_is_better(metric) else values.min())
+
+
+@dataclass
+class Cell:
+    text: str  # mean ± CI, "cannot run past 1×" or n/a, without the bold markup
+    bold: bool = False
+    limit: bool = False  # a "cannot run past" cell (LaTeX spans neighbouring ones)
+
+
+def cells(table: PaperTable) -> list[list[Cell]]:
+    """The metric cells of each row."""
+    best = {metric: _best(table.frame, metric) for metric in table.columns}
+    rows = []
+    for row in table.frame.to_dict("records"):
+        line = []
+        for metric in table.columns:
+            if _is_cannot_run(row, metric):
+                line.append(Cell(cannot_run_text(row), limit=True))
+                continue
+            mean, n = row[f"{metric} mean"], row[f"{metric} n"]
+            text = metrics.format_mean_ci(metric, mean, row[f"{metric} ci95"])
+            if 0 < n < row["n"]:  # some runs lack this metric: say how many it rests on
+                text += f" (n={n})"
+            bold = row["unfinished"] == "" and metrics.format_number(metric, mean) == best[metric]
+            line.append(Cell(text, bold=bold))
+        rows.append(line)
+    return rows
+
+
+def _identity_text(row: dict, column: str) -> str:
+    value = row[column]
+    return NA if pd.isna(value) or value == "" else str(value)
+
+
+def na_reason(metric: str, runs: pd.DataFrame) -> str:
+    """Why no run has `metric`, in a few words, from what the runs' configs and summaries say."""
+    if metric in (metrics.HELLASWAG_ACC_NORM, metrics.HELLASWAG_ACC):
+        if (runs["data.tokenizer"] == "bytes").all():  # the deeper reason: it could not have been enabled
+            return "not evaluated (it needs the GPT-2 BPE tokenizer; every run used data.tokenizer=bytes)"
+        if (runs["eval.hellaswag.enabled"] == "false").all():
+            return "not evaluated (eval.hellaswag.enabled=false in every run, as in the offline eval preset)"
+        return "no run logged it"
+    if metric == metrics.MFU:
+        devices = runs["device"].dropna()  # a record cut short may not say
+        if len(devices) and devices.str.startswith("cpu").all():
+            return "null off-GPU (the runs trained on the CPU)"
+        return "null for every run (no known peak FLOP/s for its device)"
+    if metrics.extrapolation_multiplier(metric) is not None:
+        return "no run has an extrapolation loss at this length"
+    return "no run logged it"
+
+
+def paper_table(runs: pd.DataFrame, stem: str, title: str, caption: str, shown: list[str]) -> PaperTable:
+    """A paper table of `shown` metrics; columns that are n/a everywhere dropped (with their reason), an
+    identity column with a single value (one sweep, one attention) said once instead of repeated."""
+    frame = combination_table(runs, shown)
+    kept, dropped, rows = [], [], frame.to_dict("records")
+    for metric in shown:
+        if any(np.isfinite(r[f"{metric} mean"]) or _is_cannot_run(r, metric) for r in rows):
+            kept.append(metric)
+        else:
+            dropped.append(f"{HEADERS.get(metric, (metrics.label(metric),))[0]}: {na_reason(metric, runs)}")
+    identity, constant = [], []
+    for column in ["sweep", "pe", "attention"]:
+        values = frame[column].dropna().unique()
+        if column != "pe" and len(frame) > 1 and len(values) == 1:
+            constant.append(f"{IDENTITY_HEADERS[column]}: {values[0]}")
+        elif column != "sweep" or len(values) > 1:
+            identity.append(column)
+    identity.append("n")
+    if (frame["status"] != frame["runs"].map(lambda r: f"{r} finished")).any():
+        identity.append("status")
+    return PaperTable(stem, title, caption, frame, kept, identity, dropped, constant)
+
+
+def full_caption(table: PaperTable) -> str:
+    """The caption, plus what every row shares ("Attention: regular for every run.")."""
+    return table.caption + "".join(f" {c[0].upper()}{c[1:]} for every run." for c in table.constant)
+
+
+def _header(metric: str, latex: bool) -> str:
+    if metrics.is_delta(metric):
+        m = metrics.extrapolation_multiplier(metric)
+        return f"$\\Delta$ {m}$\\times$" if latex else f"Δ {m}×"
+    return HEADERS.get(metric, (metrics.label(metric),) * 2)[1 if latex else 0]
+
+
+def loss_table(runs: pd.DataFrame) -> PaperTable:
+    """Table 1: validation loss, Δ loss at each longer context vs 1x, HellaSwag acc_norm."""
+    runs = with_deltas(runs)
+    deltas = [metrics.extrapolation_delta_key(m) for m in metrics.extrapolation_multipliers(runs.columns) if m != 1]
+    caption = (f"Validation loss (nats) at the training context L, and Δ m× = loss at m·L − loss at L of the "
+               f"same run (nats; lower = better extrapolation). Mean ± {CI_TEXT} over n seeds; best per column "
+               "in bold.")
+    table = paper_table(runs, "table_loss", "Validation loss and length extrapolation", caption,
+                        [metrics.VAL_LOSS, *deltas, metrics.HELLASWAG_ACC_NORM])
+    if metrics.HELLASWAG_ACC_NORM in table.columns:
+        table.caption += " HellaSwag acc_norm: fraction of items correct (higher is better)."
+    return table
+
+
+EFFICIENCY_CAPTIONS = {
+    metrics.TOKENS_PER_S: "median throughput (tokens/s)",
+    metrics.PEAK_MEM: "peak memory (MiB; GPU: max allocated, CPU: peak RSS)",
+    metrics.MFU: "MFU (% of the GPU's dense bf16 peak)",
+    metrics.ELAPSED: "wall-clock training time (s)",
+}
+
+
+def efficiency_table(runs: pd.DataFrame) -> PaperTable:
+    """Table 2: training throughput (median tokens/s), peak memory, MFU, training wall-clock time."""
+    table = paper_table(runs, "table_efficiency", "Throughput and memory", "", list(EFFICIENCY_CAPTIONS))
+    table.caption = (f"Training cost: {', '.join(EFFICIENCY_CAPTIONS[m] for m in table.columns)}. Mean ± "
+                     f"{CI_TEXT} over n seeds; best per column in bold.")  # only the columns kept
+    return table
+
+
+def paper_markdown(table: PaperTable) -> str:
+    header = [IDENTITY_HEADERS[c] for c in table.identity] + [_header(m, latex=False) for m in table.columns]
+    rows = [[_identity_text(row, c) for c in table.identity] + [f"**{c.text}**" if c.bold else c.text for c in line]
+            for row, line in zip(table.frame.to_dict("records"), cells(table))]
+    return markdown_table(header, rows)
+
+
+LATEX_ESCAPES = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_",
+                 "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    text = "".join(LATEX_ESCAPES.get(ch, ch) for ch in text)
+    for symbol, command in (("±", "$\\pm$"), ("×", "$\\times$"), ("Δ", "$\\Delta$"), ("−", "$-$"), ("·", "$\\cdot$")):
+        text = text.replace(symbol, command)
+    return text
+
+
+def _latex_metric_cells(line: list[Cell]) -> list[str]:
+    """LaTeX cells; a run of "cannot run past" cells becomes one \\multicolumn."""
+    out, i = [], 0
+    while i < len(line):
+        span = 1
+        while line[i].limit and i + span < len(line) and line[i + span].limit and line[i + span].text == line[i].text:
+            span += 1
+        text = latex_escape(line[i].text)
+        text = f"\\textbf{{{text}}}" if line[i].bold else text
+        out.append(f"\\multicolumn{{{span}}}{{c}}{{{text}}}" if span > 1 else text)
+        i += span
+    return out
+
+
+def paper_latex(table: PaperTable) -> str:
+    """A booktabs `table` float (\\usepackage{booktabs}): caption, label tab:<stem>, the same rows as the
+    Markdown."""
+    align = "".join("r" if c == "n" else "l" for c in table.identity) + "r" * len(table.columns)
+    header = [IDENTITY_HEADERS[c] if c != "n" else "$n$" for c in table.identity]
+    header += [_header(m, latex=True) for m in table.columns]
+    caption = full_caption(table)
+    lines = ["% requires \\usepackage{booktabs}", "\\begin{table}[t]", "\\centering",
+             f"\\caption{{{latex_escape(caption)}}}", f"\\label{{tab:{table.stem.replace('_', '-')}}}",
+             f"\\begin{{tabular}}{{{align}}}", "\\toprule", " & ".join(header) + " \\\\", "\\midrule"]
+    for row, line in zip(table.frame.to_dict("records"), cells(table)):
+        identity = [latex_escape(_identity_text(row, c)) for c in table.identity]
+        lines.append(" & ".join(identity + _latex_metric_cells(line)) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def paper_csv(table: PaperTable, path: Path) -> None:
+    """Numbers only: identity, then `<metric> mean` / `ci95` / `n` per metric; `cannot run past` holds the
+    largest multiplier a combination could run (learned: 1) where a longer one was refused, else empty."""
+    columns = ["sweep", "pe", "attention", "n", "runs", "seeds", "status"]
+    columns += [f"{m} {part}" for m in table.columns for part in ("mean", "ci95", "n")]
+    frame = table.frame.reindex(columns=columns)
+    if any(_is_cannot_run(r, m) for r in table.frame.to_dict("records") for m in table.columns):
+        frame["cannot run past"] = table.frame[LIMIT].astype("Int64")
+    frame.to_csv(path, index=False, quoting=csv.QUOTE_MINIMAL)
+
+
+def write_paper_table(table: PaperTable, out_dir: Path) -> dict[str, Path]:
+    paths = {fmt: out_dir / f"{table.stem}.{fmt}" for fmt in ("md", "tex", "csv")}
+    paths["md"].write_text(paper_markdown(table))
+    paths["tex"].write_text(paper_latex(table))
+    paper_csv(table, paths["csv"])
+    return paths
+
+
+# ------------------------------------------------------------------------------------- reference tables
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -76,23 +347,23 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _text(value) -> str:
-    return "n/a" if pd.isna(value) or value == "" else str(value)
+    return NA if pd.isna(value) or value == "" else str(value)
 
 
 def combination_markdown(table: pd.DataFrame, runs: pd.DataFrame) -> str:
     shown = table_metrics(runs)
     header = ["sweep", "PE", "attention", "runs", "seeds", "status", *(metrics.label(m) for m in shown)]
     rows = [[_text(r["sweep"]), _text(r["pe"]), _text(r["attention"]), r["runs"], _text(r["seeds"]), r["status"],
-             *(metrics.format_mean_std(m, r[f"{m} mean"], r[f"{m} std"]) for m in shown)]
+             *(metrics.format_mean_ci(m, r[f"{m} mean"], r[f"{m} ci95"]) for m in shown)]
             for r in table.to_dict("records")]
     return markdown_table(header, rows)
 
 
 def runs_markdown(runs: pd.DataFrame) -> str:
-    shown = table_metrics(runs)
+    """One row per run; a metric no run logged is left out (the CSV has every column)."""
+    shown = [m for m in table_metrics(runs) if m in runs and runs[m].notna().any()]
     header = [*RUN_TABLE_COLUMNS, *(metrics.label(m) for m in shown)]
-    rows = [[*(_text(r[c]) for c in RUN_TABLE_COLUMNS),
-             *(metrics.format_number(m, r[m] if m in r else float("nan")) for m in shown)]
+    rows = [[*(_text(r[c]) for c in RUN_TABLE_COLUMNS), *(metrics.format_number(m, r[m]) for m in shown)]
             for r in runs.to_dict("records")]
     return markdown_table(header, rows)
 

@@ -6,8 +6,9 @@
     python -m src.chat --hf gpt2                              # OpenAI's GPT-2 through transformers
     python -m src.chat --model outputs/<run> --prompt "Text to continue" --temperature 0   # one shot
 
-In the loop: type text and the model continues it, streamed token by token; `/reset` starts a new
-conversation, `/quit` or end of input (Ctrl-D) leaves, Ctrl-C stops an answer. See docs/CHAT.md.
+In the loop: type text and the model continues it, streamed token by token; `/help` lists the commands
+(`/reset` starts a new conversation, `/quit` or end of input (Ctrl-D) leaves), Ctrl-C stops an answer.
+See docs/CHAT.md.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def describe(loaded: LoadedModel) -> str:
     info = loaded.info
     context = info["max_context"] or f"{info['block_size']} (trained; extrapolates)"
     line = (f"{loaded.spec}: pe={info['pe']} attention={info['attention']} params={info['num_params']:,} "
-            f"context={context}")
+            f"context={context} tokenizer={loaded.tokenizer}")
     if "val/loss" in loaded.metrics:
         line += f" val/loss={loaded.metrics['val/loss']:.3f}"
     return line + f" (loaded in {loaded.load_seconds:.1f} s)"
@@ -68,9 +69,16 @@ def answer(loaded: LoadedModel, conversation: Conversation, text: str, sampling:
     sys.stdout.write("\n")
 
 
+HELP = """  /help    list these commands
+  /reset   start a new conversation
+  /quit    leave (or Ctrl-D)
+  Ctrl-C   stop an answer
+  //text   send text that starts with /"""
+
+
 def chat_loop(loaded: LoadedModel, window: int | None, sampling: SamplingConfig) -> None:
-    conversation = Conversation.for_model(loaded.model, window)
-    print("Type text for the model to continue; /reset starts over, /quit or Ctrl-D leaves.", file=sys.stderr)
+    conversation = Conversation.for_model(loaded.model, window, tokenizer=loaded.tokenizer)
+    print("Type text for the model to continue; /help lists the commands, /quit or Ctrl-D leaves.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -78,13 +86,21 @@ def chat_loop(loaded: LoadedModel, window: int | None, sampling: SamplingConfig)
             print(file=sys.stderr)
             return
         command = line.strip()
-        if command == "/quit":
-            return
-        if command == "/reset":
-            conversation = Conversation.for_model(loaded.model, window)
-            print("(new conversation)", file=sys.stderr)
-            continue
         if not command:
+            continue
+        if command.startswith("//"):
+            line = line.lstrip()[1:]
+        elif command.startswith("/"):  # a command, known or not, is never sent to the model
+            name = command.split()[0]
+            if name == "/quit":
+                return
+            if name == "/reset":
+                conversation = Conversation.for_model(loaded.model, window, tokenizer=loaded.tokenizer)
+                print("(new conversation)", file=sys.stderr)
+            elif name == "/help":
+                print(HELP, file=sys.stderr)
+            else:
+                print(f"unknown command {name}: /help lists the commands", file=sys.stderr)
             continue
         try:
             answer(loaded, conversation, line, sampling)
@@ -103,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(describe(loaded), file=sys.stderr)
     if args.prompt is not None:
-        answer(loaded, Conversation.for_model(loaded.model, args.window), args.prompt, sampling)
+        answer(loaded, Conversation.for_model(loaded.model, args.window, tokenizer=loaded.tokenizer), args.prompt,
+               sampling)
         return 0
     try:
         chat_loop(loaded, args.window, sampling)

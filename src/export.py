@@ -3,7 +3,8 @@
 The folder holds what inference needs and nothing else (no optimizer state):
 - `model.safetensors`, `model_config.json`: the newest checkpoint's weights and config (`load_model` reads
   the folder directly, so does `python -m src.chat --model OUT_DIR`);
-- `summary.json`, `config.yaml`: the run's record, so the chat UI can show its PE, attention and metrics;
+- `summary.json`, `config.yaml`: the run's record, so the chat UI can show its PE, attention and metrics
+  (and decode with its `data.tokenizer`);
 - `README.md`: a model card with YAML front matter (library_name, license, tags) that the Hub indexes.
 Upload it with `hf upload ORG/REPO OUT_DIR [NAME]`; then `python -m src.chat --model ORG/REPO[/NAME]`.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from src.atomic import atomic_write_json
 from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, find_checkpoint_dir, load_model
-from src.model_store import LoadedModel, read_summary
+from src.data.tokenizer import DEFAULT_TOKENIZER, describe_tokenizer
+from src.model_store import LoadedModel, read_summary, read_tokenizer
 
 _METRIC_NAMES = {
     "val/loss": "validation loss (nats/token)",
@@ -52,6 +54,7 @@ def model_card(loaded: LoadedModel, license: str) -> str:
         ("parameters", f"{info['num_params']:,}"),
         ("layers / heads / width", f"{info['n_layer']} / {info['n_head']} / {info['n_embd']}"),
         ("context", context),
+        ("tokenizer", loaded.tokenizer),
     ]
     for key, label in (("step", "training steps"), ("tokens", "training tokens")):
         if summary.get(key) is not None:
@@ -77,7 +80,7 @@ tags:
 # {name}: GPT-2 with {pe} positional encoding and {attention} attention
 
 A GPT-2-style language model trained from scratch with pegrid (7 positional encodings x 3 attention
-mechanisms). GPT-2 BPE tokenizer (tiktoken `gpt2`, 50257 tokens). It is a base model: it
+mechanisms). Tokenizer: {describe_tokenizer(loaded.tokenizer)}. It is a base model: it
 continues text, it was not tuned to follow instructions.
 
 | | |
@@ -114,7 +117,7 @@ def export(run_dir: str | Path, out_dir: str | Path, license: str = "mit") -> Pa
     if not summary:
         raise ExportError(f"{run_dir} has no readable summary.json; pass a run dir written by `python -m src.train`")
     model, _ = load_model(ckpt_dir)  # the weights must read back before they are published
-    loaded = LoadedModel(str(run_dir), model, ckpt_dir, summary)
+    loaded = LoadedModel(str(run_dir), model, ckpt_dir, summary, tokenizer=read_tokenizer(run_dir) or DEFAULT_TOKENIZER)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (WEIGHTS, MODEL_CONFIG):

@@ -1,7 +1,8 @@
 """Text generation for chatting: sampling, a KV-cached conversation, and a PE-aware context policy.
 
-A `Conversation` is the running token sequence of a chat (it starts with <|endoftext|>, which precedes every
-document in training) plus the KV cache of the part the model currently sees. `generate_tokens` streams
+A `Conversation` is the running token sequence of a chat in the model's tokenizer (it starts with the
+tokenizer's EOT, which precedes every document in training: GPT-2's <|endoftext|>, or byte 0 for
+`data.tokenizer=bytes`) plus the KV cache of the part the model currently sees. `generate_tokens` streams
 sampled token ids and appends them to the conversation; `generate_text` streams decoded text.
 
 Context policy — what the model sees when the conversation is longer than it can or should attend to:
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from src.data.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
+from src.data.tokenizer import DEFAULT_TOKENIZER, VOCAB_SIZE, get_tokenizer
 
 
 @dataclass
@@ -64,18 +65,21 @@ class Conversation:
     """The tokens of a chat so far, and the KV cache of the window the model currently sees.
 
     use_cache=False recomputes the whole window for every token: the reference the cache is tested against.
+    `tokenizer` is the name of the model's tokenizer (`LoadedModel.tokenizer`).
     """
 
-    def __init__(self, window: int, use_cache: bool = True):
+    def __init__(self, window: int, use_cache: bool = True, tokenizer: str = DEFAULT_TOKENIZER):
         self.window = window
         self.use_cache = use_cache
-        self.tokens: list[int] = [EOT_TOKEN]
+        self.tokenizer = get_tokenizer(tokenizer)
+        self.tokens: list[int] = [self.tokenizer.eot_token]
         self._cache = None
         self._cache_start = 0  # index in `tokens` of the first cached token
 
     @classmethod
-    def for_model(cls, model, window: int | None = None, use_cache: bool = True) -> Conversation:
-        return cls(context_window(model, window), use_cache)
+    def for_model(cls, model, window: int | None = None, use_cache: bool = True,
+                  tokenizer: str = DEFAULT_TOKENIZER) -> Conversation:
+        return cls(context_window(model, window), use_cache, tokenizer)
 
     def append(self, ids: Iterable[int]) -> None:
         """Add tokens; they are fed to the model lazily, by the next `next_logits`."""
@@ -84,9 +88,9 @@ class Conversation:
     def add_message(self, text: str) -> None:
         """Append a user's message. These are base LMs: a message is text for the model to continue, and
         a conversation is one running document, with turns set apart as paragraphs ("\n\n") unless the
-        model ended the previous document with <|endoftext|>."""
-        separator = "" if self.tokens[-1] == EOT_TOKEN else "\n\n"
-        self.append(get_tokenizer().encode_ordinary(separator + text))
+        model ended the previous document with EOT."""
+        separator = "" if self.tokens[-1] == self.tokenizer.eot_token else "\n\n"
+        self.append(self.tokenizer.encode_ordinary(separator + text))
 
     @torch.no_grad()
     def next_logits(self, model) -> Tensor:
@@ -102,13 +106,13 @@ class Conversation:
         return model(torch.tensor([new], device=device), kv_cache=self._cache)[0, -1]
 
 
-def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
+def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None, n_vocab: int = VOCAB_SIZE) -> int:
     """One token id from logits [vocab]: greedy at temperature 0, else top-k then top-p (nucleus) sampling.
 
-    Ids beyond GPT-2's 50257 (the vocabulary is padded to 50304 for fast matmuls) are never picked: the
-    tokenizer cannot decode them.
+    Ids from the tokenizer's `n_vocab` on (GPT-2's 50257 are padded to 50304 for fast matmuls) are never
+    picked: the tokenizer cannot decode them.
     """
-    logits = logits[:VOCAB_SIZE].float().cpu()
+    logits = logits[:n_vocab].float().cpu()
     if cfg.temperature == 0:
         return int(logits.argmax())
     logits = logits / cfg.temperature
@@ -127,27 +131,29 @@ def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | Non
 def generate_tokens(model, conversation: Conversation, cfg: SamplingConfig) -> Iterator[int]:
     """Stream up to `max_new_tokens` sampled ids, appending each to the conversation.
 
-    Stops at <|endoftext|>, which is appended (the next message starts a new document) but not yielded.
+    Stops at the tokenizer's EOT, which is appended (the next message starts a new document) but not yielded.
     """
+    tokenizer = conversation.tokenizer
     generator = torch.Generator()
     if cfg.seed is None:
         generator.seed()
     else:
         generator.manual_seed(cfg.seed)
     for _ in range(cfg.max_new_tokens):
-        token = sample(conversation.next_logits(model), cfg, generator)
+        token = sample(conversation.next_logits(model), cfg, generator, tokenizer.n_vocab)
         conversation.append([token])
-        if token == EOT_TOKEN:
+        if token == tokenizer.eot_token:
             return
         yield token
 
 
-def decode_stream(tokens: Iterable[int]) -> Iterator[str]:
-    """Decode ids to text piece by piece; a character split across tokens is emitted once it is whole.
+def decode_stream(tokens: Iterable[int], tokenizer: str = DEFAULT_TOKENIZER) -> Iterator[str]:
+    """Decode ids to text piece by piece; a character split across tokens (GPT-2 BPE pieces, or the 2-4
+    bytes of one character with `bytes`) is emitted once it is whole.
 
     Invalid byte sequences show as U+FFFD; a character left incomplete when generation stops is dropped.
     """
-    tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer(tokenizer)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in tokens:
         text = decoder.decode(tokenizer.decode_single_token_bytes(token))
@@ -158,4 +164,4 @@ def decode_stream(tokens: Iterable[int]) -> Iterator[str]:
 def generate_text(model, conversation: Conversation, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
     """Append `prompt` to the conversation and stream the model's continuation as text."""
     conversation.add_message(prompt)
-    return decode_stream(generate_tokens(model, conversation, cfg))
+    return decode_stream(generate_tokens(model, conversation, cfg), conversation.tokenizer.name)

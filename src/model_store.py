@@ -6,6 +6,7 @@ A model is named by a *spec* string:
   downloaded into the Hub cache (~/.cache/huggingface) by `huggingface_hub.snapshot_download`;
 - `hf:ID` (e.g. `hf:gpt2`): a `transformers` GPT-2 from the Hub (or a local `save_pretrained` folder),
   converted by `from_hf_gpt2`.
+A spec that exists locally, or does not have a Hub id's shape, is a local path (`local_path`, docs/CHAT.md).
 Weights are always read from safetensors files, never unpickled.
 
 `ModelStore` keeps at most `max_resident` models in memory (default 1, since a chat app on a laptop should
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -23,12 +25,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.checkpoint import WEIGHTS, CheckpointError, load_model
+import yaml
+
+from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, load_model
+from src.data.tokenizer import DEFAULT_TOKENIZER, check_vocab_fits
 from src.model import from_hf_gpt2
 from src.model.gpt import GPT
 from src.training.run_record import RunRecord
 
 HF_PREFIX = "hf:"
+# One name of a Hub id, by huggingface_hub's validate_repo_id rules: [\w.-], no leading/trailing . or -, no -- or ..
+_HUB_NAME = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
+# Folders pegrid itself writes models to: `outputs/x/y` is a mistyped run, never the Hub org "outputs".
+PROJECT_DIRS = ("outputs", "exports")
+# A last name ending like this is a file someone meant to load from disk (Hub names may hold dots: pythia-1.4b).
+FILE_SUFFIXES = (".safetensors", ".json", ".yaml", ".yml", ".pt", ".pth", ".bin", ".ckpt", ".jsonl", ".txt")
+NO_MODEL_HINT = ("expected a run dir (with checkpoints/step_*/), a checkpoint dir or an export folder "
+                 f"({WEIGHTS} + {MODEL_CONFIG}) there")
 # summary.json keys worth showing next to a model (see README "Run record")
 _METRIC_PREFIXES = ("val/", "train/loss", "extrapolation/loss_", "hellaswag/acc")
 
@@ -57,6 +70,7 @@ class LoadedModel:
     source: Path  # the folder the weights were read from
     summary: dict[str, Any] = field(default_factory=dict)  # the run's summary.json, if it has one
     load_seconds: float = 0.0
+    tokenizer: str = DEFAULT_TOKENIZER  # the name of the tokenizer its ids belong to (data.tokenizer)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -89,6 +103,20 @@ def read_summary(folder: Path) -> dict[str, Any]:
     return {}
 
 
+def read_tokenizer(folder: Path) -> str | None:
+    """`data.tokenizer` of the run a run dir, checkpoint dir or export folder (which copies config.yaml) comes
+    from; None without a config.yaml, and GPT-2 BPE when it predates the option."""
+    for run_dir in (folder, folder.parent.parent):
+        config_path = run_dir / "config.yaml"
+        if config_path.is_file():
+            try:
+                config = yaml.safe_load(config_path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ModelLoadError(f"{config_path} is unreadable, so its tokenizer is unknown ({err})") from err
+            return (config.get("data") or {}).get("tokenizer", DEFAULT_TOKENIZER)
+    return None
+
+
 def discover_models(runs_dir: str | Path) -> list[str]:
     """Local model specs under `runs_dir`: run dirs with a checkpoint, and export folders, sorted."""
     found = set()
@@ -100,6 +128,30 @@ def discover_models(runs_dir: str | Path) -> list[str]:
             folder = folder.parent.parent
         found.add(str(folder))
     return sorted(found)
+
+
+def _hub_shaped(name: str, min_names: int, max_names: int) -> bool:
+    names = name.split("/")
+    return (min_names <= len(names) <= max_names and all(_HUB_NAME.fullmatch(n) for n in names)
+            and not names[-1].lower().endswith(FILE_SUFFIXES)
+            and names[0] not in PROJECT_DIRS and not Path(names[0]).exists())
+
+
+def local_path(spec: str) -> Path | None:
+    """The local folder `spec` names, or None when it names something on the Hub.
+
+    A spec is a Hub id only if nothing exists at it locally and it has a Hub id's shape: ORG/REPO[/NAME]
+    (`hf:` specs: [ORG/]REPO), each name one that the Hub allows, the last not ending in a file suffix, and
+    the first not `outputs`, `exports` or anything else that exists in the current directory. So `./x`,
+    `/x`, `~/x`, `outputs/grid/typo`, `a/b/c/d` and `org/repo/model.safetensors` are paths, never a
+    network call.
+    """
+    hf = spec.startswith(HF_PREFIX)
+    name = spec[len(HF_PREFIX):] if hf else spec
+    path = Path(name).expanduser()
+    if path.exists() or not _hub_shaped(name, *((1, 2) if hf else (2, 3))):
+        return path
+    return None
 
 
 def _download(repo_id: str, allow_patterns: list[str] | None, what: str) -> Path:
@@ -117,19 +169,22 @@ def _download(repo_id: str, allow_patterns: list[str] | None, what: str) -> Path
 
 
 def _load_hub_export(spec: str, device: str) -> tuple[GPT, Path]:
-    parts = spec.strip("/").split("/")
+    parts = spec.split("/")
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
     files = [f"{subfolder}/*"] if subfolder else None
     local = _download(repo_id, files, f"'{subfolder}/{WEIGHTS}'" if subfolder else f"'{WEIGHTS}'")
     return load_model(local / subfolder, device)
 
 
-def _load_transformers_gpt2(model_id: str, device: str) -> tuple[GPT, Path]:
-    """A Hub id, or a folder written by `save_pretrained`."""
-    if Path(model_id).is_dir():
-        local = Path(model_id)
+def _load_transformers_gpt2(source: str | Path, device: str) -> tuple[GPT, Path]:
+    """A Hub id (str), or a local folder written by `save_pretrained` (Path)."""
+    if isinstance(source, Path):
+        if not all((source / name).is_file() for name in ("config.json", WEIGHTS)):
+            raise ModelLoadError(f"no model at {source}: expected a transformers save_pretrained folder "
+                                 f"(config.json + {WEIGHTS}) there")
+        local = source
     else:  # fetched by huggingface_hub first: offline it fails at once, where transformers retries for ~30 s
-        local = _download(model_id, ["config.json", "model.safetensors"], "config.json and model.safetensors")
+        local = _download(source, ["config.json", WEIGHTS], f"config.json and {WEIGHTS}")
     from transformers import GPT2LMHeadModel
 
     hf_model = GPT2LMHeadModel.from_pretrained(local, use_safetensors=True)
@@ -142,18 +197,24 @@ def load(spec: str, device: str = "cpu") -> LoadedModel:
     """Load the model named by `spec` (see the module docstring)."""
     start = time.perf_counter()
     try:
+        path = local_path(spec)
         if spec.startswith(HF_PREFIX):
-            model, source = _load_transformers_gpt2(spec[len(HF_PREFIX):], device)
-        elif Path(spec).exists():
-            model, source = load_model(spec, device)
-        elif spec.count("/") >= 1 and not spec.startswith((".", "/")):
+            model, source = _load_transformers_gpt2(path or spec[len(HF_PREFIX):], device)
+        elif path is None:
             model, source = _load_hub_export(spec, device)
+        elif path.exists():
+            model, source = load_model(path, device)
         else:
-            raise ModelLoadError(f"no model at '{spec}': not a local path, an ORG/REPO[/NAME] Hub id or hf:ID")
+            raise ModelLoadError(f"no model at {spec}: {NO_MODEL_HINT}")
     except CheckpointError as err:
         raise ModelLoadError(str(err)) from err
-    summary = {} if spec.startswith(HF_PREFIX) else read_summary(source)
-    return LoadedModel(spec, model, source, summary, time.perf_counter() - start)
+    summary, recorded = ({}, None) if spec.startswith(HF_PREFIX) else (read_summary(source), read_tokenizer(source))
+    if recorded is not None:  # a model without its run's config is taken to speak GPT-2, as hf: models do
+        try:
+            check_vocab_fits(model.config.vocab_size, recorded)
+        except ValueError as err:
+            raise ModelLoadError(f"{source}: {err}") from err
+    return LoadedModel(spec, model, source, summary, time.perf_counter() - start, recorded or DEFAULT_TOKENIZER)
 
 
 class ModelStore:

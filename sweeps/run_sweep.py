@@ -1,35 +1,43 @@
 """Submit a sweep file (sweeps/<name>.yaml) as Hydra multirun(s) and report progress until every run ended.
 
-    python -m sweeps.run_sweep SWEEP [overrides...] [--dry-run] [--interval S]
+    python -m sweeps.run_sweep SWEEP [overrides...] [--dry-run] [--rerun-stale] [--interval S]
+                               [--launcher local [--jobs N]]
 
 SWEEP is a name in sweeps/ (``grid``, ``tiny``) or a path to a YAML file with the keys ``sweep_name``,
 ``experiment`` (or null), ``launcher`` (``slurm`` | ``local``, i.e. conf/hydra/launcher/<launcher>.yaml),
 ``params`` (swept keys -> comma-separated values, Hydra's sweep syntax) and ``overrides`` (a list, the same for
 every job). Overrides on the command line come last; one whose key is a swept key replaces its values
 (``model/pe=rope,alibi``), one with several values sweeps one more key (``trainer.seed=1,2``: include it in
-``run_name``), ``hydra.launcher.*`` overrides configure SLURM. ``--launcher local`` runs the jobs as local
-processes (hydra/launcher=local) instead of SLURM jobs.
+``run_name``), ``hydra.launcher.*`` overrides configure SLURM (``hydra.launcher.gpus_per_node=0``: CPU jobs,
+no GPU requested). ``--launcher local`` runs the jobs as local processes (hydra/launcher=local) instead of
+SLURM jobs, all at once; with ``--jobs N`` at most N at a time (each combination its own process).
 
 Each combination's run dir is ``${runs_dir}/${sweep_name}/${run_name}`` (``hydra.sweep.subdir=${run_name}``),
-so ``run_name`` must be deterministic and unique per combination. Combinations whose summary.json says
-``finished`` are skipped; the rest are launched with ``python -m src.train -m hydra/launcher=<launcher> ...``
-(one multirun, or one per value group when a partial grid is left). While they run, a progress line
-(pending / running / finished / failed, plus SLURM's job states) is printed every --interval seconds. Exit
-status 1 names every run that did not finish.
+so ``run_name`` must be deterministic and unique per combination. A combination whose summary.json says
+``finished`` with the config fingerprint of its composed config is skipped; a finished one with another (or
+no) fingerprint is *stale*: the sweep lists it and submits nothing, unless ``--rerun-stale`` moves its record
+to ``<sweep dir>/.superseded/`` and trains it again. The rest are launched with ``python -m src.train -m
+hydra/launcher=<launcher> ...`` (one multirun, or one per value group when a partial grid is left). Before
+that, for SLURM: a controller must answer and, if the jobs ask for GPUs, the cluster must have some. While
+the jobs run, a progress line (pending / running / interrupted / finished / failed, SLURM's job states, the
+running runs' steps and ETAs) is printed every --interval seconds. Exit status 1 names every run that did not
+finish; 2 is a refusal before anything was submitted (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -37,12 +45,21 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS_DIR = ROOT / "sweeps"
 DEFAULT_RUN_NAME = "run_name=${model.pe.name}-${model.attention.name}-s${trainer.seed}"
+STATUSES = ("pending", "running", "interrupted", "finished", "failed")  # summary.json status (pending: none yet)
+START_SLURM = ("start a local one with `sudo scripts/slurm_cluster.sh start` (docs/SLURM_LOCAL.md), or run the "
+               "jobs as local processes with --launcher local (make sweep-local)")
+
+
+class SweepError(Exception):
+    """A refusal before anything is submitted: main prints it as one line and exits 2."""
 
 
 @dataclass(frozen=True)
 class Combo:
     values: tuple[tuple[str, str], ...]  # ((key, value), ...) in params order
     run_dir: Path
+    fingerprint: str = ""  # config_fingerprint of the composed config, what the job's summary.json will say
+    config: dict = field(default_factory=dict, compare=False, repr=False)  # its results_config
 
     @property
     def label(self) -> str:
@@ -74,11 +91,14 @@ def load_sweep(sweep: str) -> dict:
         path = SWEEPS_DIR / f"{sweep}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
-        raise SystemExit(f"sweep file {path} not found (sweeps/: {', '.join(names)})")
-    spec = yaml.safe_load(path.read_text()) or {}
+        raise SweepError(f"sweep file {path} not found (sweeps/: {', '.join(names)})")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SweepError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     unknown = set(spec) - {"sweep_name", "experiment", "launcher", "params", "overrides"}
     if unknown:
-        raise SystemExit(f"{path}: unknown keys {sorted(unknown)}")
+        raise SweepError(f"{path}: unknown keys {sorted(unknown)}")
     spec.setdefault("sweep_name", path.stem)
     spec.setdefault("launcher", "slurm")
     spec["params"] = {str(k): str(v) for k, v in (spec.get("params") or {}).items()}
@@ -108,8 +128,15 @@ def split_values(values: str) -> list[str]:
     return [v.strip() for v in values.split(",") if v.strip()]
 
 
-def plan(spec: dict, cli_overrides: list[str]) -> tuple[dict[str, list[str]], list[str], list[Combo]]:
-    """Swept params, the fixed overrides of every job, and every combination with its run dir."""
+def one_line(err: BaseException) -> str:
+    """Hydra's messages span lines (options, search path) and keep the reason in __cause__: first lines only."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    cause = err.__cause__ and one_line(err.__cause__)
+    return f"{text}: {cause}" if cause else text
+
+
+def sweep_overrides(spec: dict, cli_overrides: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Swept params and the fixed overrides of every job, from the sweep file and the command line."""
     params = {k: split_values(v) for k, v in spec["params"].items()}
     fixed: list[str] = []
     for override in cli_overrides:
@@ -123,10 +150,18 @@ def plan(spec: dict, cli_overrides: list[str]) -> tuple[dict[str, list[str]], li
     if spec.get("experiment"):
         base.append(f"experiment={spec['experiment']}")
     fixed = merge_overrides(base, spec["overrides"], fixed)
+    # experiment=null means no preset, conf/train.yaml's default, but Hydra rejects null for a config group
+    return params, [o for o in fixed if not (override_key(o) == "experiment" and o.split("=", 1)[-1] == "null")]
 
+
+def compose_combos(params: dict[str, list[str]], fixed: list[str]) -> tuple[list[str], list[Combo]]:
+    """Every combination composed (Hydra compose API, nothing is trained), and `fixed` with runs_dir absolute."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     import src.schemas  # noqa: F401  (as src.train does)
+    from src.training.fingerprint import config_fingerprint, results_config
 
     task_fixed = [o for o in fixed if not is_hydra_override(o)]
     combos: list[Combo] = []
@@ -134,16 +169,80 @@ def plan(spec: dict, cli_overrides: list[str]) -> tuple[dict[str, list[str]], li
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         for values in itertools.product(*params.values()):
             pairs = tuple(zip(params, values))
-            cfg = compose(config_name="train", overrides=merge_overrides(task_fixed, [f"{k}={v}" for k, v in pairs]))
+            overrides = merge_overrides(task_fixed, [f"{k}={v}" for k, v in pairs])
+            try:
+                cfg = compose(config_name="train", overrides=overrides)
+                fingerprint, config = config_fingerprint(cfg), results_config(cfg)
+            except (HydraException, OmegaConfBaseException, ValueError) as err:  # Hydra raises all three
+                label = " ".join(f"{k}={v}" for k, v in pairs)
+                raise SweepError(f"cannot compose the config of {label or 'the sweep'}: {one_line(err)}") from None
             runs_dir = Path(cfg.runs_dir).absolute()
-            combos.append(Combo(pairs, runs_dir / str(cfg.sweep_name) / str(cfg.run_name)))
+            combos.append(Combo(pairs, runs_dir / str(cfg.sweep_name) / str(cfg.run_name), fingerprint, config))
     dirs = Counter(c.run_dir for c in combos)
     clashes = [str(d) for d, n in dirs.items() if n > 1]
     if clashes:
-        raise SystemExit(f"run_name is not unique per combination (runs would share a dir): {clashes}")
+        raise SweepError(f"run_name is not unique per combination (runs would share a dir): {clashes}")
     if runs_dir is not None:  # jobs and this process must agree on where the run records are
         fixed = merge_overrides(fixed, [f"runs_dir={runs_dir}"])
-    return params, fixed, combos
+    return fixed, combos
+
+
+def slurm_launcher(fixed: list[str]) -> tuple[list[str], dict]:
+    """The SLURM launcher settings the jobs will get (conf/hydra/launcher/slurm.yaml + overrides), and `fixed`
+    with gpus_per_node=0 turned into no GPU request: submitit would pass --gpus-per-node=0, and slurm.yaml's
+    tasks_per_node (= gpus_per_node) would be 0; a CPU job is one task."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    import src.schemas  # noqa: F401  (the launcher node is composed with the train config)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        try:
+            cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", *fixed], return_hydra_config=True)
+            settings = {k: OmegaConf.select(cfg.hydra.launcher, k) for k in ("gpus_per_node", "tasks_per_node",
+                                                                               "partition")}
+        except (HydraException, OmegaConfBaseException, ValueError) as err:
+            raise SweepError(f"cannot compose the SLURM launcher settings: {one_line(err)}") from None
+    if settings["gpus_per_node"] == 0:
+        tasks = settings["tasks_per_node"] or 1
+        fixed = merge_overrides(fixed, ["hydra.launcher.gpus_per_node=null", f"hydra.launcher.tasks_per_node={tasks}"])
+        settings.update(gpus_per_node=None, tasks_per_node=tasks)
+    return fixed, settings
+
+
+def check_slurm_controller() -> None:
+    """Refuse at once (before anything is composed) when there is no SLURM to submit to."""
+    missing = [cmd for cmd in ("sbatch", "squeue", "scontrol") if not shutil.which(cmd)]
+    if missing:
+        raise SweepError(f"SLURM's {', '.join(missing)} not found on PATH: no cluster to submit to; {START_SLURM}")
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
+        answer = next((line.strip() for line in (ping.stdout + ping.stderr).splitlines() if line.strip()), "")
+        up = " is UP" in ping.stdout  # one answering controller is enough (a backup may be down)
+    except subprocess.TimeoutExpired:
+        answer, up = "no answer in 60 s", False
+    if not up:
+        raise SweepError(f"no SLURM controller answers (`scontrol ping`: {answer or 'nothing'}); {START_SLURM}")
+
+
+def check_gpus(settings: dict) -> None:
+    """Jobs that ask for GPUs on a cluster without any would be refused by sbatch one by one: refuse them now."""
+    gpus, partition = settings["gpus_per_node"], settings["partition"]
+    if not gpus:
+        return
+    cmd = ["sinfo", "-h", "-o", "%G", *(["-p", str(partition)] if partition else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        return  # sbatch will say what is wrong with the partition
+    gres = sorted(set(proc.stdout.split()))
+    if not any(re.match(r"gpu(:|\(|$)", g) for line in gres for g in line.split(",")):
+        where = f"partition {partition}" if partition else "the cluster"
+        raise SweepError(
+            f"the jobs ask for {gpus} GPU(s) per node (hydra.launcher.gpus_per_node={gpus}) but {where} has no GPUs "
+            f"(`{shlex.join(cmd)}`: {', '.join(gres) or 'no nodes'}); nothing submitted. For CPU jobs set "
+            f"GPUS_PER_NODE=0 (make) or hydra.launcher.gpus_per_node=0, or choose a GPU partition: PARTITION=...")
 
 
 def groups_to_launch(params: dict[str, list[str]], todo: list[Combo]) -> list[dict[str, list[str]]]:
@@ -169,21 +268,91 @@ def run_status(combo: Combo) -> str:
     return run_summary(combo).get("status", "pending")
 
 
+def flat(node: dict, prefix: str = "") -> dict:
+    """Nested dicts as {dotted key: leaf value}."""
+    leaves = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            leaves.update(flat(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+ABSENT = object()  # a key one of two configs lacks
+
+
+def short(value) -> str:
+    text = "(absent)" if value is ABSENT else json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def stale_reason(combo: Combo, limit: int = 3) -> str | None:
+    """Why a finished run's record answers another config than its combination's now, or None if it does not.
+    The fingerprint decides; the record's config.yaml only explains (its first few differing keys)."""
+    from src.training.fingerprint import FINGERPRINT_KEY, results_config
+
+    recorded = run_summary(combo).get(FINGERPRINT_KEY)
+    if recorded == combo.fingerprint:
+        return None
+    why = f"fingerprint {recorded} != {combo.fingerprint}" if recorded else "recorded before config fingerprints"
+    try:
+        old = flat(results_config(yaml.safe_load((combo.run_dir / "config.yaml").read_text()) or {}))
+    except (OSError, yaml.YAMLError):
+        return f"{why}; no readable config.yaml to compare"
+    new = flat(combo.config)
+    keys = [k for k in {**new, **old} if old.get(k, ABSENT) != new.get(k, ABSENT)]
+    if not keys:
+        return f"{why}; config.yaml has the same settings"
+    shown = ", ".join(f"{k} {short(old.get(k, ABSENT))} -> {short(new.get(k, ABSENT))}" for k in keys[:limit])
+    return f"{why}: {shown}" + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
 def slurm_states(job_name: str) -> Counter:
+    """Job states by count; -r lists every array task (without it a pending array is one line)."""
     if not shutil.which("squeue"):
         return Counter()
-    proc = subprocess.run(["squeue", "-h", "-n", job_name, "-o", "%T"], capture_output=True, text=True)
+    proc = subprocess.run(["squeue", "-h", "-r", "-n", job_name, "-o", "%T"], capture_output=True, text=True)
     return Counter(proc.stdout.split()) if proc.returncode == 0 else Counter()
 
 
-def progress_line(combos: list[Combo], job_name: str | None, started: float) -> str:
-    counts = Counter(run_status(c) for c in combos)
-    line = (f"[sweep {time.monotonic() - started:5.0f}s] {len(combos)} runs: pending {counts['pending']} | "
-            f"running {counts['running']} | finished {counts['finished']} | failed {counts['failed']}")
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def step_and_eta(summary: dict) -> str:
+    """From summary.json, which the trainer updates at every logged step: seconds per step so far (over all
+    attempts, like the step count) times the steps left."""
+    step, total, elapsed = summary.get("step"), summary.get("max_steps"), summary.get("time/elapsed_s")
+    text = f"step {step if step is not None else '?'}/{total if total is not None else '?'}"
+    if step and total and step >= total:
+        return f"{text}, final evaluation"
+    if step and total and elapsed:
+        return f"{text}, ETA {duration(elapsed / step * max(total - step, 0))}"
+    return f"{text}, ETA not known yet"
+
+
+def progress_lines(combos: list[Combo], job_name: str | None, started: float) -> list[str]:
+    """The counts line, then one indented line per running run."""
+    summaries = [(combo, run_summary(combo)) for combo in combos]
+    counts = Counter(s.get("status", "pending") for _, s in summaries)
+    line = (f"[sweep {time.monotonic() - started:5.0f}s] {len(combos)} runs: "
+            + " | ".join(f"{status} {counts[status]}" for status in STATUSES))
     if job_name:
         states = slurm_states(job_name)
         line += "  (squeue: " + (", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "empty") + ")"
-    return line
+    return [line] + [f"    running {combo.run_dir.name}: {step_and_eta(s)}"
+                     for combo, s in summaries if s.get("status") == "running"]
+
+
+def not_finished_reason(summary: dict) -> str:
+    if not summary:
+        return "no run record (failed before training; see the launch log)"
+    if summary.get("error"):
+        return summary["error"]
+    return f"status {summary.get('status')} at step {summary.get('step')} (the job ended without a word: see its log)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,17 +364,48 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between progress lines (default 10)")
     parser.add_argument("--launcher", choices=["slurm", "local"], help="override the sweep file's launcher")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands, submit nothing")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="with --launcher local: at most N runs at once, one process each (default: all at once)")
+    parser.add_argument("--rerun-stale", action="store_true",
+                        help="move the records of finished runs whose config changed to .superseded/ and rerun them")
     args = parser.parse_intermixed_args(argv)
+    try:
+        return sweep(args)
+    except SweepError as err:
+        print(f"run_sweep: {err}", file=sys.stderr, flush=True)
+        return 2
 
+
+def sweep(args: argparse.Namespace) -> int:
     spec = load_sweep(args.sweep)
-    params, fixed, combos = plan(spec, args.overrides)
-    todo = [c for c in combos if run_status(c) != "finished"]
+    launcher = args.launcher or spec["launcher"]
+    if launcher == "slurm" and not args.dry_run:
+        check_slurm_controller()
+    params, fixed = sweep_overrides(spec, args.overrides)
+    if launcher == "slurm":
+        fixed, settings = slurm_launcher(fixed)
+        if not args.dry_run:
+            check_gpus(settings)
+    fixed, combos = compose_combos(params, fixed)
     sweep_dir = combos[0].run_dir.parent if combos else Path(".")
     name = sweep_dir.name  # the effective sweep_name (the command line may override the file's)
+    finished = [c for c in combos if run_status(c) == "finished"]
+    stale = {c: reason for c in finished if (reason := stale_reason(c))}
+    todo = [c for c in combos if c not in finished or (c in stale and args.rerun_stale)]
     print(f"sweep {name} ({spec['path']}): {len(combos)} combinations in {sweep_dir}, "
-          f"{len(combos) - len(todo)} already finished, {len(todo)} to run", flush=True)
+          f"{len(finished) - len(stale)} already finished, {len(stale)} stale, {len(todo)} to run", flush=True)
+    for combo, reason in stale.items():
+        print(f"  stale {combo.run_dir.name} ({combo.label}): {reason}", flush=True)
+    if stale and not args.rerun_stale:
+        raise SweepError(
+            f"{len(stale)} finished run(s) of sweep {name} do not match the current config (listed above); "
+            f"nothing submitted. Rerun them with --rerun-stale (make sweep ARGS=--rerun-stale), which moves their "
+            f"records to {sweep_dir / '.superseded'}/, or restore the old settings")
     launches = groups_to_launch(params, todo)
-    launcher = args.launcher or spec["launcher"]
+    if args.jobs is not None:  # a queue of one-combination multiruns, each run inside its process (Hydra's basic)
+        if launcher != "local" or args.jobs < 1:
+            raise SweepError(f"--jobs {args.jobs}: give a positive number of local processes, with --launcher local")
+        launches, launcher = [{key: [value] for key, value in combo.values} for combo in todo], "basic"
     job_name = f"pegrid-{name}" if launcher == "slurm" else None
     commands = [
         [sys.executable, "-m", "src.train", "-m", f"hydra/launcher={launcher}", "hydra.sweep.subdir=${run_name}",
@@ -217,24 +417,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run or not commands:
         return 0
 
+    from src.training.run_record import RunRecord
+
+    for combo in stale:
+        print(f"  moved the stale record of {combo.run_dir.name} to {RunRecord(combo.run_dir).move_aside()}",
+              flush=True)
     log_dir = sweep_dir / ".sweep_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    procs = []
-    for i, command in enumerate(commands):
-        log_path = log_dir / f"{stamp}-launch{i}.log"
-        with log_path.open("w") as log:
-            procs.append((subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log_path))
-    print(f"launched {len(procs)} multirun(s), Hydra/submitit output in {log_dir}", flush=True)
+    procs, queued = [], list(enumerate(commands))
+
+    def launch_queued() -> None:  # start queued multiruns while fewer than --jobs (default: all) run
+        while queued and sum(p.poll() is None for p, _ in procs) < (args.jobs or len(commands)):
+            i, command = queued.pop(0)
+            log_path = log_dir / f"{stamp}-launch{i}.log"
+            with log_path.open("w") as log:
+                procs.append((subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log_path))
+
+    launch_queued()
+    print(f"launched {len(procs)} of {len(commands)} multirun(s), Hydra/submitit output in {log_dir}", flush=True)
 
     started = time.monotonic()
     next_print = started
-    while any(p.poll() is None for p, _ in procs):
+    while queued or any(p.poll() is None for p, _ in procs):
         time.sleep(min(1.0, args.interval))
+        launch_queued()
         if time.monotonic() >= next_print:
-            print(progress_line(todo, job_name, started), flush=True)
+            print("\n".join(progress_lines(todo, job_name, started)), flush=True)
             next_print = time.monotonic() + args.interval
-    print(progress_line(todo, job_name, started), flush=True)
+    print("\n".join(progress_lines(todo, job_name, started)), flush=True)
 
     failed = [c for c in todo if run_status(c) != "finished"]
     if not failed:
@@ -242,9 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"sweep {name}: {len(failed)} of {len(combos)} runs did not finish:", flush=True)
     for combo in failed:
-        error = run_summary(combo).get(
-            "error", "no run record (failed before training; see the launch log)")
-        print(f"  FAILED {combo.label}: {combo.run_dir}: {error}", flush=True)
+        print(f"  FAILED {combo.label}: {combo.run_dir}: {not_finished_reason(run_summary(combo))}", flush=True)
     for proc, log_path in procs:
         if proc.returncode:
             tail = log_path.read_text().splitlines()[-15:]

@@ -137,6 +137,9 @@ def release_requeued(job_id: str, timeout: float = 60) -> None:
     """A requeued job waits ~120 s (PENDING, reason BeginTime) before it may start again. Wait until it is
     PENDING, then ``scontrol update JobId=<id> StartTime=now`` (retried until the job leaves PENDING)."""
     wait_job_state(job_id, "PENDING", timeout=timeout)
+    # slurmd refuses a batch job whose credential is not newer than the kill that revoked the old one (both in
+    # whole seconds): released in the same second, the job fails for good ("Job credential revoked").
+    time.sleep(1.5)
     deadline = time.monotonic() + timeout
     while True:
         _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])

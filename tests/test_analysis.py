@@ -4,19 +4,22 @@ Parquet cache (against a fake with the public API's shape), figure content, and 
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import shutil
 import subprocess
 import sys
 
+import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.lines import Line2D
 from omegaconf import OmegaConf
 
-from analysis import compare, figures, sources, tables
-from analysis.report import FIGURE_TITLES
+from analysis import compare, experiment_setup, figures, sources, stats, style, tables
+from analysis.report import FIGURE_TITLES, warnings
 from analysis.sources import WandbUnavailable, combine, load_local, load_wandb
 from src.training.trainer import train
 from tests.conftest import ROOT
@@ -115,16 +118,182 @@ def test_final_metrics_table_aggregates_seeds_and_marks_status(local):
     table = tables.combination_table(local.runs).set_index(["sweep", "pe", "attention"])
     rope = table.loc[("tiny", "rope", "regular")]
     seeds = local.runs[(local.runs["sweep"] == "tiny") & (local.runs["pe"] == "rope")]["val/loss"]
-    assert rope["runs"] == 2 and rope["seeds"] == "1, 2" and rope["status"] == "2 finished"
-    assert rope["val/loss mean"] == pytest.approx(seeds.mean()) and rope["val/loss std"] == pytest.approx(seeds.std())
+    assert rope["runs"] == 2 and rope["seeds"] == "1, 2" and rope["status"] == "2 finished" and rope["n"] == 2
+    assert rope["val/loss mean"] == pytest.approx(seeds.mean())
+    # 95 % CI half-width, Student's t with n-1 = 1 degree of freedom
+    assert rope["val/loss ci95"] == pytest.approx(12.7062047 * seeds.std() / np.sqrt(2))
     learned = table.loc[("tiny", "learned", "flash")]  # the failed seed is counted, not averaged
-    assert learned["status"] == "1 finished, 1 failed" and learned["unfinished"] == ""
-    assert np.isfinite(learned["val/loss mean"]) and np.isnan(learned["val/loss std"])
+    assert learned["status"] == "1 finished, 1 failed" and learned["unfinished"] == "" and learned["n"] == 1
+    assert np.isfinite(learned["val/loss mean"]) and np.isnan(learned["val/loss ci95"])
+    assert learned[tables.LIMIT] == 1 and np.isnan(rope[tables.LIMIT])  # learned cannot run past 1x
     assert table.loc[("other", "rope", "regular"), "unfinished"] == "running"
 
     markdown = tables.combination_markdown(tables.combination_table(local.runs), local.runs)
     assert "validation loss (nats)" in markdown and " ± " in markdown and "n/a" in markdown
     assert markdown.count("\n") == 2 + len(table)
+
+
+def tiny_sweep(local) -> pd.DataFrame:
+    return local.runs[local.runs["sweep"] == "tiny"].reset_index(drop=True)
+
+
+def markdown_rows(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in markdown.splitlines()[2:]]
+
+
+def test_t_quantile_is_students():
+    for dof, expected in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (9, 2.2622), (30, 2.0423), (200, 1.9719)]:
+        assert stats.t_quantile(dof) == pytest.approx(expected, abs=1e-4)
+    mean, half, n = stats.mean_ci([1.0, 2.0, 3.0, float("nan")])
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.3027 * 1.0 / np.sqrt(3), abs=1e-4)
+    assert stats.mean_ci([5.0])[:2] == (5.0, pytest.approx(float("nan"), nan_ok=True))
+
+
+def test_loss_table_bold_best_ci_and_learned_cannot_run_past_1x(local):
+    table = tables.loss_table(tiny_sweep(local))
+    assert table.columns == ["val/loss", "extrapolation/delta_x2", "extrapolation/delta_x4", "hellaswag/acc_norm"]
+    assert table.identity == ["pe", "attention", "n", "status"] and table.constant == ["sweep: tiny"]
+    assert table.dropped == []
+    rows = {(r[0], r[1]): r for r in markdown_rows(tables.paper_markdown(table))}
+    assert list(rows) == [("learned", "regular"), ("learned", "flash"), ("rope", "regular")]  # PE order
+    learned, rope = rows[("learned", "flash")], rows[("rope", "regular")]  # PE, attention, n, status, metrics
+    assert learned[5:7] == ["cannot run past 1×", "cannot run past 1×"]  # not n/a, not a number
+    assert learned[2] == "1" and learned[3] == "1 finished, 1 failed"
+
+    runs = tables.with_deltas(tiny_sweep(local))
+    seeds = runs[(runs["pe"] == "rope")]
+    mean, half, n = stats.mean_ci(seeds["extrapolation/delta_x4"])
+    assert rope[2] == "2" and n == 2
+    assert rope[6].strip("*") == tables.metrics.format_mean_ci("extrapolation/delta_x4", mean, half)
+    assert " ± " in rope[4] and " ± " in rope[5]
+
+    # bold: the lowest val loss among finished combinations, and only that one (limit cells never)
+    best = runs[runs["status"] == "finished"].groupby(["pe", "attention"])["val/loss"].mean().idxmin()
+    assert [key for key, r in rows.items() if r[4].startswith("**")] == [best]
+    assert not any(c.startswith("**") for r in rows.values() for c in r[5:7] if "cannot" in c)
+
+    latex = tables.paper_latex(table)
+    assert "\\multicolumn{2}{c}{cannot run past 1$\\times$}" in latex and "\\textbf{" in latex
+    assert "$\\pm$" in latex and "\\toprule" in latex and "acc\\textsubscript{norm}" in latex
+    assert "Sweep: tiny for every run.}" in latex
+    underscored = tables.paper_latex(tables.loss_table(tiny_sweep(local).assign(sweep="study_cpu")))
+    assert "Sweep: study\\_cpu for every run.}" in underscored  # escaped once
+
+
+def test_all_na_columns_are_dropped_with_their_reason(local):
+    runs = tiny_sweep(local).assign(**{"hellaswag/acc_norm": np.nan, "eval.hellaswag.enabled": "false"})
+    table = tables.loss_table(runs)
+    assert "hellaswag/acc_norm" not in table.columns
+    assert table.dropped == ["HellaSwag acc_norm: not evaluated (eval.hellaswag.enabled=false in every run, as in "
+                             "the offline eval preset)"]
+    assert "HellaSwag" not in tables.paper_markdown(table) and "HellaSwag" not in table.caption
+    bytes_runs = runs.assign(**{"data.tokenizer": "bytes"})
+    assert "needs the GPT-2 BPE tokenizer" in tables.loss_table(bytes_runs).dropped[0]
+
+    efficiency = tables.efficiency_table(tiny_sweep(local))
+    assert efficiency.columns == ["perf/tokens_per_s", "perf/peak_mem_mb", "time/elapsed_s"]
+    assert efficiency.dropped == ["MFU: null off-GPU (the runs trained on the CPU)"]
+    assert "MFU" not in tables.paper_markdown(efficiency) and "MFU" not in tables.paper_latex(efficiency).split(
+        "\\toprule")[1]
+
+
+def test_seed_warning_is_visible_with_one_seed(local):
+    one_seed = local.runs[(local.runs["seed"] == 1) & (local.runs["sweep"] == "tiny")]
+    [warning] = warnings(tables.loss_table(one_seed))
+    assert warning.startswith("> ⚠️ **One seed per combination (n = 1).**") and "95 % CI" in warning
+    lines = warnings(tables.loss_table(tiny_sweep(local)))
+    assert lines == ["> ⚠️ **n = 1 for 2 of 3 combinations** (learned/regular, learned/flash): shown without a "
+                     "confidence interval.\n"]
+    two_seeds = tiny_sweep(local)[lambda r: r["pe"] == "rope"]
+    assert warnings(tables.loss_table(two_seeds)) == []
+
+
+def test_setup_section_reads_config_and_summary(local):
+    lines = "\n".join(experiment_setup.setup_lines(tiny_sweep(local)))
+    assert "2 layers, 4 heads, width 32, training context L = 32 tokens, vocabulary 50,304" in lines
+    assert "- **Data**: embedded; tokenizer GPT-2 BPE" in lines
+    assert "3 steps of 128 tokens (384 tokens seen)" in lines and "linear warm-up over 1 step," in lines
+    assert "validation loss on 512 held-out tokens, at the end of training" in lines
+    assert "loss at 1×, 2×, 4× L = 32, 64, 128 tokens, 512 tokens each" in lines
+    assert "HellaSwag: acc_norm on 2 validation items (4 of 4 runs)" in lines
+    assert "- **Seeds**: 1, 2; n = 1–2 per combination" in lines
+    assert "device cpu, world size 1" in lines and "torch " in lines
+    params = tiny_sweep(local)["num_params"]  # learned's position table makes it larger than rope
+    assert params.nunique() == 2 and f"{params.min() / 1e6:.3f}–{params.max() / 1e6:.3f} M" in lines
+    assert lines.endswith(experiment_setup.DIFFER_NOTE)
+
+    assert experiment_setup.describe(pd.Series([0.1e6, 0.12e6]), experiment_setup._millions, " M") == (
+        "0.100–0.120 M")
+    assert experiment_setup.describe(pd.Series(["cpu", "cuda", "cpu"])) == "cpu, cuda"
+    assert experiment_setup.describe(pd.Series([None, None], dtype="str")) == "not recorded"
+
+
+def test_hidden_directories_are_not_run_records(runs_root, tmp_path):
+    """A sweep moves superseded records to <sweep>/.superseded/; .sweep_logs/ and .hydra/ are not runs either."""
+    sweep = tmp_path / ".outputs" / "study"  # a hidden directory above the root given is fine
+    shutil.copytree(runs_root / "tiny" / "rope-regular-s1", sweep / "rope-regular-s1",
+                    ignore=shutil.ignore_patterns("checkpoints"))
+    for hidden in (".superseded/rope-regular-s1-20260101-000000", ".sweep_logs/0", "rope-regular-s1/.hydra"):
+        shutil.copytree(sweep / "rope-regular-s1", sweep / hidden, ignore=shutil.ignore_patterns(".hydra"))
+    interrupted = json.loads((sweep / "rope-regular-s1" / "summary.json").read_text()) | {"status": "interrupted"}
+    (sweep / "rope-regular-s1" / "summary.json").write_text(json.dumps(interrupted))
+    runs = load_local([sweep.parent]).runs
+    assert list(runs["run_id"]) == [(sweep / "rope-regular-s1").as_posix()]
+    assert list(runs["status"]) == ["interrupted"]
+    assert sources.find_run_dirs(sweep / ".superseded") == [(sweep / ".superseded" / "rope-regular-s1-20260101-000000")]
+
+
+def test_style_orders_pes_and_attentions_from_the_registries():
+    from src.model import ATTENTION_REGISTRY, PE_REGISTRY
+
+    assert style.PE_ORDER[:7] == ["learned", "sinusoidal", "rope", "alibi", "kerple", "fire", "nope"]
+    assert set(style.PE_ORDER) == set(PE_REGISTRY.names()) and set(style.ATTENTION_ORDER) == set(
+        ATTENTION_REGISTRY.names())
+    assert style.ordered(["zeta", "nope", "rope", "learned"], style.PE_ORDER) == ["learned", "rope", "nope", "zeta"]
+    colours = [style.pe_color(pe) for pe in style.PE_ORDER]
+    assert len(set(colours)) == len(colours)  # one colour per registered PE
+    # a name no registry knows still gets a fixed style, never a KeyError
+    assert style.pe_color("zeta") == style.pe_color("zeta") and style.attention_linestyle("sdpa")
+    assert style.attention_hatch("sdpa") and style.attention_marker("sdpa")
+    pairs = [("rope", "flash"), ("learned", "sdpa"), ("learned", "regular")]
+    assert sorted(pairs, key=lambda c: style.order_key(*c)) == [("learned", "regular"), ("learned", "sdpa"),
+                                                                 ("rope", "flash")]
+
+
+def test_bench_plot_uses_the_report_colours_and_order():
+    import matplotlib.pyplot as plt
+
+    from src.benchmark import report as bench_report
+    from src.benchmark.peer import PEER_NAME
+
+    def row(model, pe, attention, context, tokens_per_s=100.0):
+        return {"model": model, "pe": pe, "attention": attention, "context": context, "batch": 2, "compile": False,
+                "tokens_per_s": tokens_per_s, "step_mem_mib": 10.0 + context}
+
+    combos = [("rope", "regular"), ("alibi", "flash"), ("learned", "flash"), ("fire", "linformer"),
+              ("nope", "new_attention")]  # results come alphabetically; an attention style.py has no entry for
+    results = [row(PEER_NAME, "learned", "sdpa", t) for t in (16, 32)]
+    results += [row("pegrid", pe, attention, t) for pe, attention in sorted(combos) for t in (16, 32)]
+    results.append({**row("pegrid", "kerple", "regular", 16), "tokens_per_s": None})  # a failed measurement
+    fig = bench_report.figure({"results": results})
+    try:
+        tokens_ax, memory_ax = fig.axes
+        labels = [line.get_label() for line in tokens_ax.lines]
+        assert labels == [PEER_NAME, "learned+flash", "rope+regular", "alibi+flash", "fire+linformer",
+                          "nope+new_attention"]
+        for line in tokens_ax.lines[1:]:
+            pe, attention = line.get_label().split("+")
+            assert matplotlib.colors.same_color(line.get_color(), style.pe_color(pe))
+            expected = Line2D([], [], linestyle=style.attention_linestyle(attention))
+            assert line.get_linestyle() == expected.get_linestyle()
+            assert line.get_marker() == style.attention_marker(attention)
+        peer = tokens_ax.lines[0]
+        assert matplotlib.colors.same_color(peer.get_color(), style.BASELINE_STYLE["color"])
+        assert not any(matplotlib.colors.same_color(peer.get_color(), style.pe_color(pe)) for pe in style.PE_ORDER)
+        assert [t.get_text() for t in memory_ax.get_xticklabels()] == ["16", "32"]
+    finally:
+        plt.close(fig)
+    assert bench_report.figure({"results": [results[-1]]}) is None
 
 
 class FakeRun:
@@ -199,31 +368,53 @@ def axis_texts(ax) -> list[str]:
 def test_loss_curves_facet_by_attention_with_seed_bands_and_status_marks(local):
     fig = figures.loss_curves(local.runs, local.history)
     axes = fig.axes
-    assert len(axes) == 4  # (training, validation) x (regular, flash)
-    assert [ax.get_title() for ax in axes[:2]] == ["attention: regular", "attention: flash"]
+    assert len(axes) == 2  # training loss x (regular, flash)
+    assert [ax.get_title() for ax in axes] == ["attention: regular", "attention: flash"]
     assert axes[0].get_xlabel() == "tokens seen" and axes[0].get_ylabel() == "training loss (nats)"
-    assert axes[2].get_ylabel() == "validation loss (nats)"
-    regular_train, flash_train = axes[0], axes[1]
+    regular_train, flash_train = axes
     # regular: rope (mean of 2 seeds + band), learned, the running rope copy (curve + status marker)
     assert len(regular_train.lines) == 4 and len(regular_train.collections) == 1
     assert "rope (running)" in axis_texts(regular_train) and "learned (failed)" in axis_texts(flash_train)
     texts = legend_texts(fig)
-    assert {"rope", "learned", "attention: regular", "attention: flash", "± std over seeds"} <= set(texts)
+    assert {"rope", "learned", "attention: regular", "attention: flash", figures.BAND_TEXT} <= set(texts)
     assert {"failed (not finished)", "running (not finished)"} <= set(texts)
     assert figures.loss_curves(local.runs, local.history, "time/elapsed_s").axes[0].get_xlabel() == (
         "wall-clock time (s)")
 
 
-def test_bar_charts_show_every_combination_and_na_mfu(local):
-    fig = figures.throughput_bars(local.runs)
-    tokens_ax, mfu_ax = fig.axes
+def test_validation_curves_need_two_evaluations_per_run(local):
+    # the fixture's runs are evaluated once, at the end (trainer.eval_every=0): no curve, one line why
+    drawn = figures.validation_curves(local.runs, local.history)
+    assert drawn.figure is None and len(drawn.notes) == 1
+    assert drawn.notes[0].startswith("Validation-loss curves omitted") and "trainer.eval_every=0" in drawn.notes[0]
+
+    # a second evaluation of one run: that run is drawn, the others are left out and counted
+    rope = run_of(local.runs, "tiny/rope-regular-s2")["run_id"]
+    history = local.history.copy()
+    first = (history["run_id"] == rope) & (history["step"] == 1)
+    history.loc[first, "val/loss"] = history.loc[(history["run_id"] == rope) & (history["step"] == 3),
+                                                 "val/loss"].iloc[0] + 0.5
+    drawn = figures.validation_curves(local.runs, history)
+    [ax] = drawn.figure.axes  # only rope/regular's attention has a run to draw
+    assert ax.get_title() == "attention: regular" and ax.get_ylabel() == "validation loss (nats)"
+    [container] = ax.containers
+    assert list(container.lines[0].get_xdata()) == [128, 3 * 128]
+    assert drawn.notes == [f"Validation-loss curves: {len(local.runs) - 1} of {len(local.runs)} runs left out, "
+                           "evaluated fewer than 2 times (trainer.eval_every=0: at the end only; set "
+                           "trainer.eval_every to draw validation curves)"]
+
+
+def test_efficiency_bars_show_every_combination_and_drop_the_empty_mfu_panel(local):
+    drawn = figures.efficiency_bars(local.runs)
+    tokens_ax, memory_ax = drawn.figure.axes  # no MFU panel: null for every CPU run
+    assert drawn.notes == ["MFU (% of peak bf16) panel left out: null off-GPU (the runs trained on the CPU)"]
     assert len(tokens_ax.patches) == 3 and tokens_ax.get_ylabel() == "throughput (tokens/s)"
-    labels = [t.get_text() for t in tokens_ax.get_xticklabels()]
+    labels = [t.get_text() for t in memory_ax.get_xticklabels()]
     assert labels == ["learned / regular", "learned / flash", "rope / regular"]
-    assert len(mfu_ax.patches) == 0 and any("n/a" in t for t in axis_texts(mfu_ax))  # CPU: MFU is null
-    assert {"rope", "learned", "attention: flash"} <= set(legend_texts(fig))
-    memory = figures.memory_bars(local.runs).axes[0]
-    assert len(memory.patches) == 3 and memory.get_ylabel() == "peak memory (MiB)"
+    assert len(memory_ax.patches) == 3 and memory_ax.get_ylabel() == "peak memory (MiB)"
+    assert [p.get_facecolor()[:3] for p in tokens_ax.patches] == [
+        matplotlib.colors.to_rgb(style.pe_color(pe)) for pe in ("learned", "learned", "rope")]
+    assert {"rope", "learned", "attention: flash", figures.BAND_TEXT} <= set(legend_texts(drawn.figure))
 
 
 def test_hellaswag_heatmap_has_na_for_missing_cells(local):
@@ -233,21 +424,33 @@ def test_hellaswag_heatmap_has_na_for_missing_cells(local):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["regular", "flash"]
     cells = axis_texts(ax)
     assert len(cells) == 4 and cells[3] == "n/a"  # rope x flash was not trained
-    assert " ± " in cells[2]  # rope x regular: two seeds
+    assert " ± " in cells[2]  # rope x regular: two seeds (95 % CI)
     assert fig.axes[1].get_ylabel() == "HellaSwag acc_norm (fraction)"
 
 
-def test_extrapolation_skips_lengths_a_pe_cannot_run(local):
+def test_extrapolation_marks_training_context_and_learned_limit_with_a_delta_row(local):
     fig = figures.extrapolation_curves(local.runs)
-    regular, flash = fig.axes
-    assert regular.get_xlabel() == "evaluation context length (tokens)"
-    assert regular.get_ylabel() == "validation loss (nats)"
+    loss_regular, loss_flash, delta_regular, delta_flash = fig.axes[:4]
+    assert delta_regular.get_xlabel() == "evaluation context (tokens)"
+    assert loss_regular.get_ylabel() == "validation loss (nats)" and delta_regular.get_ylabel() == "Δ loss vs 1× (nats)"
+    assert [t.get_text() for t in delta_regular.get_xticklabels()] == ["32", "64", "128"]
+    [top] = loss_regular.child_axes  # the ×L axis on top of the loss panels
+    assert [t.get_text() for t in top.get_xticklabels()] == ["1×L", "2×L", "4×L"]
+    for ax in (loss_regular, delta_regular):  # the training context L = 32 as a vertical line
+        assert any(list(line.get_xdata()) == [32, 32] for line in ax.lines)
 
-    def curves(ax):  # PE -> (context lengths, has error bars)
-        return {c.get_label(): (list(c.lines[0].get_xdata()), c.has_yerr) for c in ax.containers}
+    def curves(ax):  # PE -> (context lengths relative to the first, has error bars); x is dodged a little
+        return {c.get_label(): (list(np.round(c.lines[0].get_xdata() / c.lines[0].get_xdata()[0], 2)), c.has_yerr)
+                for c in ax.containers}
 
-    assert curves(flash) == {"learned": ([32], False)}  # learned runs only at 1x; its failed seed is not averaged
-    assert curves(regular) == {"learned": ([32], False), "rope": ([32, 64, 128], True)}  # rope: 2 seeds
+    assert curves(loss_flash) == {"learned": ([1.0], False)}  # learned runs only at 1x; its failed seed not averaged
+    assert curves(loss_regular) == {"learned": ([1.0], False), "rope": ([1.0, 2.0, 4.0], True)}  # rope: 2 seeds
+    [rope] = [c for c in delta_regular.containers if c.get_label() == "rope"]
+    assert rope.lines[0].get_ydata()[0] == 0.0  # Δ vs 1x starts at 0
+    for ax in (loss_regular, delta_regular, loss_flash):  # learned's limit: a large X and a note
+        assert "learned: cannot run past 1×" in axis_texts(ax)
+        assert any(line.get_marker() == "X" and line.get_color() == style.pe_color("learned") for line in ax.lines)
+    assert {"training context L", "last length the PE can run"} <= set(legend_texts(fig))
 
 
 def test_saved_png_is_a_drawn_picture_of_the_figure_size(local, tmp_path):
@@ -265,15 +468,51 @@ def test_cli_writes_the_report_end_to_end(runs_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 runs" in result.stdout
     report = (out / "report.md").read_text()
-    for stem in FIGURE_TITLES:
+    drawn = {"loss_vs_tokens", "loss_vs_time", "efficiency", "hellaswag_acc_norm", "extrapolation"}
+    for stem in drawn:
         assert f"](figures/{stem}.png)" in report and f"](figures/{stem}.pdf)" in report
         assert (out / "figures" / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+    assert set(FIGURE_TITLES) - drawn == {"val_loss_vs_tokens"}  # one evaluation per run: omitted, saying why
+    assert not (out / "figures" / "val_loss_vs_tokens.png").exists()
+    assert "*Validation-loss curves omitted: every run was evaluated fewer than 2 times" in report
+    assert "*MFU (% of peak bf16) panel left out: null off-GPU" in report
+    assert report.index("## Set-up") < report.index("## Results") < report.index("## Figures")
     assert "TrainingDiverged" in report and "1 finished, 1 failed" in report
+    assert "> ⚠️ **n = 1 for 3 of 4 combinations**" in report  # only rope/regular in sweep tiny has 2 seeds
+
     csv = pd.read_csv(out / "final_metrics.csv")
-    assert len(csv) == 4 and {"pe", "attention", "status", "val/loss mean", "val/loss std"} <= set(csv.columns)
+    assert len(csv) == 4 and {"pe", "attention", "status", "n", "val/loss mean", "val/loss ci95"} <= set(csv.columns)
     assert len(pd.read_csv(out / "runs.csv")) == 6 and (out / "final_metrics.md").read_text().startswith("| sweep")
+    for stem in ("table_loss", "table_efficiency"):  # each paper table as Markdown (in the report), LaTeX, CSV
+        assert (out / f"{stem}.md").read_text() in report
+        assert f"[{stem}.tex]({stem}.tex)" in report and f"[{stem}.csv]({stem}.csv)" in report
+        frame = pd.read_csv(out / f"{stem}.csv")
+        assert len(frame) == 4 and {"sweep", "pe", "attention", "n"} <= set(frame.columns)
+        assert_booktabs(out / f"{stem}.tex", rows=4)
+    loss = pd.read_csv(out / "table_loss.csv").set_index(["sweep", "pe", "attention"])
+    assert loss.loc[("tiny", "learned", "flash"), "cannot run past"] == 1
+    assert np.isnan(loss.loc[("tiny", "rope", "regular"), "cannot run past"])
+    assert loss.loc[("tiny", "rope", "regular"), "extrapolation/delta_x2 n"] == 2
+    efficiency = pd.read_csv(out / "table_efficiency.csv")
+    assert "perf/mfu mean" not in efficiency and "perf/tokens_per_s ci95" in efficiency
     for png in (out / "figures").glob("*.png"):
         assert matplotlib.image.imread(png)[..., :3].std() > 0.05, png
+
+
+def assert_booktabs(path, rows: int) -> None:
+    """A booktabs table float whose every body row has as many columns as the header (\\multicolumn spans
+    counted)."""
+    tex = path.read_text()
+    assert "\\begin{table}" in tex and "\\caption{" in tex and "\\label{tab:" in tex
+    body = tex[tex.index("\\toprule"):tex.index("\\bottomrule")]
+    assert tex.count("\\midrule") == 1 and "\\end{tabular}" in tex
+    spec = re.search(r"\\begin\{tabular\}\{([lcr]+)\}", tex).group(1)
+    lines = [line for line in body.splitlines() if line.endswith("\\\\")]
+    assert len(lines) == 1 + rows
+    for line in lines:
+        spans = sum(int(n) - 1 for n in re.findall(r"\\multicolumn\{(\d+)\}", line))
+        assert line.count(" & ") + 1 + spans == len(spec), line
+    assert "_" not in tex.replace("\\_", "")  # underscores escaped
 
 
 def test_cli_as_a_module_filters_one_sweep(runs_root, tmp_path, monkeypatch, capsys):

@@ -242,7 +242,7 @@ def test_export_rejects_a_bad_run_dir(tmp_path, capsys):
 
 
 def test_a_cut_short_summary_neither_stops_chat_nor_gets_exported(tmp_path, capsys):
-    run = fake_run(tmp_path / "run", tiny_model_cfg("rope", "flash"))
+    run = fake_run(tmp_path / "run", tiny_model_cfg("rope", "flash", vocab_size=50304))  # fits GPT-2's vocabulary
     (run / "summary.json").write_text('{"val/loss": 10.')  # a run killed mid-write (or a hand edit)
     loaded = load(str(run))
     assert loaded.model is not None and loaded.metrics == {}
@@ -362,7 +362,7 @@ def test_store_keeps_one_model_resident(tmp_path):
 
 @pytest.fixture(scope="module")
 def app_runs_dir(trained_run, tmp_path_factory):
-    """The trained RoPE export and an untrained ALiBi one, as the app's runs directory."""
+    """The trained RoPE export and an untrained ALiBi one, as the app's models root."""
     runs = tmp_path_factory.mktemp("app_runs")
     shutil.copytree(trained_run[1], runs / "rope-flash")
     fake_run(runs / "alibi-regular", real_vocab_cfg("alibi", "regular"))
@@ -373,9 +373,9 @@ def test_streamlit_app(app_runs_dir, monkeypatch):
     pytest.importorskip("streamlit", reason="the `chat` extra is not installed: pip install -e '.[chat]'")
     from streamlit.testing.v1 import AppTest
 
-    from app import as_markdown
+    from app import verbatim
 
-    monkeypatch.setenv("PEGRID_RUNS_DIR", str(app_runs_dir))
+    monkeypatch.setenv("PEGRID_MODELS_ROOT", str(app_runs_dir))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     assert not at.exception
     models = [str(app_runs_dir / "alibi-regular"), str(app_runs_dir / "rope-flash")]
@@ -390,7 +390,7 @@ def test_streamlit_app(app_runs_dir, monkeypatch):
     at.chat_input[0].set_value("The for statement").run()
     assert not at.exception
     assert [m.name for m in at.chat_message] == ["user", "assistant"]
-    assert at.chat_message[1].markdown[0].value.strip() == as_markdown(expected).strip()
+    assert at.chat_message[1].html[0].value == verbatim(expected)
 
     at.selectbox[0].set_value(models[0]).run()  # switching model starts a new conversation
     assert not at.exception and not at.chat_message
@@ -422,7 +422,7 @@ def streamlit_server(trained_run, tmp_path):
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
          str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
         # one thread, as this test process: the same float sums, so the same seeded answer
-        cwd=ROOT, env={**os.environ, "PEGRID_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        cwd=ROOT, env={**os.environ, "PEGRID_MODELS_ROOT": str(runs), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -448,8 +448,9 @@ def test_chat_in_a_real_browser(streamlit_server, trained_run, tmp_path):
     pytest.importorskip("playwright", reason="the `chat` extra is not installed: pip install -e '.[chat]'")
     from playwright.sync_api import sync_playwright
 
-    prompt = "The for statement"
-    seed, _, words = seed_with_words(load(str(trained_run[1])).model, prompt, max_new_tokens=12)
+    # indented lines and markdown syntax: the page must show both messages as written
+    prompt = "The for statement:\n\n    for x in *items*:\n        print(x)  # a_b"
+    seed, expected, _ = seed_with_words(load(str(trained_run[1])).model, prompt, max_new_tokens=12)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page()
@@ -464,9 +465,10 @@ def test_chat_in_a_real_browser(streamlit_server, trained_run, tmp_path):
         box.press("Enter")
         answer = page.get_by_test_id("stChatMessage").nth(1)
         deadline = time.monotonic() + 60
-        while not all(word in answer.inner_text() for word in words):
-            assert time.monotonic() < deadline, f"expected {words} in {answer.inner_text()!r}"
+        while expected.strip() not in answer.inner_text():  # the whole answer, exactly as generated
+            assert time.monotonic() < deadline, f"expected {expected!r} in {answer.inner_text()!r}"
             page.wait_for_timeout(200)
+        assert prompt in page.get_by_test_id("stChatMessage").nth(0).inner_text()
         page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
         browser.close()
     assert (tmp_path / "chat.png").stat().st_size > 10_000

@@ -325,7 +325,9 @@ def test_tiny_corpus_wraps_epochs_inside_a_batch_or_says_what_is_missing(tmp_pat
 @pytest.mark.parametrize("name", ["embedded", "fineweb_edu", "text_file", "hf"])
 def test_each_data_config_composes_to_the_schema(name):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="prepare", overrides=[f"data={name}"])
+        # the values these sources cannot do without (the schema refuses them empty)
+        required = {"text_file": ["data.path=corpus.txt"], "hf": ["data.hf_path=json"]}.get(name, [])
+        cfg = compose(config_name="prepare", overrides=[f"data={name}", *required])
     data = OmegaConf.to_object(cfg.data)
     assert isinstance(data, DataConfig) and data.name == name
     if name == "fineweb_edu":

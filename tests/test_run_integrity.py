@@ -15,26 +15,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.checkpoint import load_model, list_checkpoints
+from src.checkpoint import list_checkpoints, load_model
 from src.data import TokenLoader
 from src.training.fingerprint import config_fingerprint
 from src.training.run_lock import RunDirLocked, RunLock
 from src.training.trainer import TrainingDiverged, train
 from tests.conftest import ROOT
 from tests.train_helpers import compose_train, tiny_overrides
+from tests.train_helpers import record_rows as rows
+from tests.train_helpers import train_losses as losses
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data_cache")
-
-
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir):
-    return {r["step"]: r["train/loss"] for r in rows(run_dir) if "train/loss" in r}
 
 
 def summary(run_dir):
@@ -291,6 +285,7 @@ def test_the_summary_records_a_fingerprint_of_what_changes_results(data_dir, tmp
     moved = compose_train(tiny_overrides(data_dir, extra=["runs_dir=/elsewhere", "run_name=other", "logger.tags=[x]",
                                                           "trainer.progress=true", "trainer.ckpt_every=7"]))
     assert config_fingerprint(moved) == record["config_fingerprint"]
-    assert config_fingerprint(compose_train(tiny_overrides(data_dir, steps=3))) != record["config_fingerprint"]
+    fingerprint = record["config_fingerprint"]
+    assert config_fingerprint(compose_train(tiny_overrides(data_dir, steps=3))) != fingerprint
     for changed in (["trainer.lr=1e-4"], ["model/pe=alibi"], ["eval.val.num_tokens=256"]):
-        assert config_fingerprint(compose_train(tiny_overrides(data_dir, extra=changed))) != record["config_fingerprint"]
+        assert config_fingerprint(compose_train(tiny_overrides(data_dir, extra=changed))) != fingerprint

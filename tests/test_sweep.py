@@ -1,6 +1,7 @@
 """Sweeps (sweeps/run_sweep.py, `make sweep`, hydra/launcher=slurm) against the real local SLURM cluster of
-scripts/slurm_cluster.sh: a full tiny grid, skipping finished runs, preemption + requeue + resume, a failing job.
-~2 minutes on 2 cores (see docs/SWEEPS.md). The first two tests need no cluster."""
+scripts/slurm_cluster.sh: a full tiny grid, skipping finished runs, preemption + requeue + resume, a failing job,
+DDP, the refusals (no GPUs, no controller) and squeue's array task counts. ~2 minutes on 2 cores (see
+docs/SWEEPS.md). The first test needs no cluster; tests/test_sweep_plan.py has the others that need none."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from slurm_helpers import release_requeued, slurm_cluster, wait_until  # noqa: F
 from src.checkpoint import list_checkpoints
 from src.data.prepare import ensure_prepared
 from src.training.distributed import export_submitit_env
+from sweeps import run_sweep as sweep_cli
 from tests.conftest import ROOT
 from tests.train_helpers import compose_train, tiny_overrides
 
@@ -94,7 +97,8 @@ def sweep_job_ids(runs_dir: Path, sweep_name: str) -> set[str]:
 def test_make_sweep_runs_the_tiny_grid_and_skips_finished_runs(slurm_cluster, data_dir, tmp_path):  # noqa: F811
     runs = tmp_path / "runs"
     args = f"data.cache_dir={data_dir} runs_dir={runs} --interval 2"
-    make = ["make", "-s", "sweep", "SWEEP=tiny", f"PYTHON={sys.executable}", "TIME_MIN=10", f"ARGS={args}"]
+    make = ["make", "-s", "sweep", "SWEEP=tiny", f"PYTHON={sys.executable}", "TIME_MIN=10", "GPUS_PER_NODE=0",
+            f"ARGS={args}"]
     t0 = time.monotonic()
     proc = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=240)
     print(f"first sweep: {time.monotonic() - t0:.1f}s\n{proc.stdout}\n{proc.stderr[-3000:]}")
@@ -112,12 +116,15 @@ def test_make_sweep_runs_the_tiny_grid_and_skips_finished_runs(slurm_cluster, da
             assert s["run_name"] == f"{pe}-{attention}-s1337" and s["world_size"] == 1
     jobs = sweep_job_ids(runs, "tiny")
     assert len(jobs) == 4  # one SLURM job per combination (the launcher's job array)
+    [script] = {p.read_text() for p in (runs / "tiny" / ".submitit").glob("*/*_submission.sh")}
+    assert "--gpus-per-node" not in script and "--ntasks-per-node=1\n" in script  # GPUS_PER_NODE=0: CPU jobs
 
     t0 = time.monotonic()
     again = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=120)
     print(f"second sweep: {time.monotonic() - t0:.1f}s\n{again.stdout}")
     assert again.returncode == 0
-    assert "4 already finished, 0 to run" in again.stdout
+    # the jobs recorded the config fingerprint the planner computes: nothing is stale
+    assert "4 already finished, 0 stale, 0 to run" in again.stdout
     assert sweep_job_ids(runs, "tiny") == jobs  # nothing submitted
 
 
@@ -149,7 +156,7 @@ def test_preempted_run_is_requeued_and_resumes_from_its_checkpoint(slurm_cluster
     resumed = re.findall(r"resumed from \S+step_(\d+) \(step (\d+)\)", log)
     assert len(resumed) == 1, log  # exactly one restart, from a checkpoint
     resumed_at = int(resumed[0][1])
-    assert 0 < resumed_at < steps and resumed_at % 5 == 0
+    assert 0 < resumed_at < steps  # the step USR2 arrived at: the trainer checkpoints it, whatever ckpt_every
     assert_finished(run_dir, steps)  # every step logged exactly once: resumed, not restarted
     assert log.count("run record:") == 1  # the first (preempted) process never reported a result
     job_logs = "".join(p.read_text() for p in (runs / "preempt" / ".submitit").glob("*/*_log.*"))
@@ -175,7 +182,7 @@ def test_a_failing_job_is_reported_while_the_others_finish(slurm_cluster, data_d
     for attention in ("regular", "flash"):
         assert_finished(runs / "fail" / f"rope-{attention}-lr0.003", 4)
         bad = summary(runs / "fail" / f"rope-{attention}-lr1e+30")
-        assert bad["status"] == "failed" and "loss became nan" in bad["error"]
+        assert bad["status"] == "failed" and "training diverged at step 2 (loss nan" in bad["error"]
     assert "failed 2" in progress_lines(proc.stdout)[-1]
 
 
@@ -191,3 +198,51 @@ def test_a_two_task_job_trains_with_ddp(slurm_cluster, data_dir, tmp_path):  # n
     run_dir = runs / "ddp" / "rope-flash-s1337"
     assert_finished(run_dir, 4)
     assert summary(run_dir)["world_size"] == 2
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_make_sweep_asking_for_gpus_on_a_cluster_without_any_fails_before_submitting(slurm_cluster, tmp_path):  # noqa: F811
+    """The default grid (one GPU per job) on the local cluster, which has no gres: one line, exit 2."""
+    runs = tmp_path / "runs"
+    proc = subprocess.run(["make", "-s", "sweep", f"PYTHON={sys.executable}", f"ARGS=runs_dir={runs}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 2
+    [line] = [line for line in proc.stderr.splitlines() if not line.startswith("make: ***")]
+    assert line.startswith("run_sweep: the jobs ask for 1 GPU(s) per node") and "GPUS_PER_NODE=0" in line
+    assert "Traceback" not in proc.stderr and "FAILED" not in proc.stdout
+    assert not runs.exists()  # no launch log, no submitit pickles
+    assert subprocess.run(["squeue", "-h", "-n", "pegrid-grid"], capture_output=True, text=True).stdout == ""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sweep_without_an_answering_controller_says_how_to_start_one(slurm_cluster, tmp_path):  # noqa: F811
+    """Real scontrol, pointed at a port where no slurmctld listens."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(re.sub(r"(?m)^SlurmctldPort=\d+$", "SlurmctldPort=6999", slurm_cluster.conf.read_text()))
+    runs = tmp_path / "runs"
+    proc = subprocess.run(["make", "-s", "sweep", "SWEEP=tiny", f"PYTHON={sys.executable}", f"ARGS=runs_dir={runs}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SLURM_CONF": str(conf)})
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 2 and proc.stdout == "" and not runs.exists()
+    [line] = [line for line in proc.stderr.splitlines() if not line.startswith("make: ***")]
+    assert "`scontrol ping`: Slurmctld(primary) at" in line and "is DOWN" in line
+    assert "scripts/slurm_cluster.sh start" in line
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_squeue_counts_count_every_array_task(slurm_cluster):  # noqa: F811
+    """A pending array is one squeue line (JOBID_[0-15]) unless -r: the progress line must say 16."""
+    name = f"pegrid-arraycount-{os.getpid()}"
+    submitted = subprocess.run(["sbatch", "--hold", "--array=0-15", f"--job-name={name}", "--output=/dev/null",
+                                "--wrap", "true"], capture_output=True, text=True, check=True)
+    job_id = submitted.stdout.split()[-1]
+    try:
+        assert sweep_cli.slurm_states(name) == Counter(PENDING=16)
+        assert sweep_cli.progress_lines([], name, time.monotonic())[0].endswith("(squeue: 16 pending)")
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)

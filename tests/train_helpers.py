@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -33,3 +35,12 @@ def tiny_overrides(data_dir, steps: int = 2, extra: list[str] = ()) -> list[str]
 def compose_train(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return compose(config_name="train", overrides=overrides)
+
+
+def record_rows(run_dir) -> list[dict]:
+    """Every row of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in record_rows(run_dir) if "train/loss" in r}

@@ -65,43 +65,65 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
-    """Tokens/s and step memory against context length, one line per model, a row of panels per compile mode."""
+def figure(result: dict):
+    """Tokens/s and step memory against context length, one line per model, a row of panels per compile mode
+    (a pyplot Figure; None when no measurement succeeded).
+
+    Colour and order per PE, line style and marker per attention come from analysis/style.py, as in every
+    report figure; the peer is the grey baseline, drawn first.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from analysis.style import BASELINE_STYLE, attention_linestyle, attention_marker, order_key, pe_color
+
     rows = [r for r in result["results"] if r["tokens_per_s"]]
-    if not rows:  # every combination failed: an empty figure still says so where the plot is expected
-        fig = plt.figure(figsize=(6, 2))
-        fig.text(0.5, 0.5, "no successful measurement (see bench.md)", ha="center")
-        fig.savefig(path)
-        plt.close(fig)
-        return
+    if not rows:
+        return None
     batch = min(r["batch"] for r in rows)  # one batch size keeps the curves comparable
     modes = sorted({r["compile"] for r in rows})
     fig, axes = plt.subplots(len(modes), 2, figsize=(13, 4.5 * len(modes)), squeeze=False)
-    styles = {"regular": ":", "flash": "-", "linformer": "--"}  # colour: the PE; line style: the attention
-    colors = {pe: f"C{i}" for i, pe in enumerate(dict.fromkeys(r["pe"] for r in rows if r["model"] != PEER_NAME))}
     for (ax_tps, ax_mem), mode in zip(axes, modes):
         cell = [r for r in rows if r["compile"] == mode and r["batch"] == batch]
-        for name in dict.fromkeys(label(r) for r in cell):
-            line = sorted((r for r in cell if label(r) == name), key=lambda r: r["context"])
-            peer = name == PEER_NAME
-            style = dict(color="black", linestyle="-", linewidth=2.5) if peer else dict(
-                color=colors[line[0]["pe"]], linestyle=styles[line[0]["attention"]])
+        ours = sorted({(r["pe"], r["attention"]) for r in cell if r["model"] != PEER_NAME},
+                      key=lambda combo: order_key(*combo))
+        lines = [(PEER_NAME, [r for r in cell if r["model"] == PEER_NAME], BASELINE_STYLE)]
+        lines += [(f"{pe}+{attention}",
+                   [r for r in cell if r["model"] != PEER_NAME and (r["pe"], r["attention"]) == (pe, attention)],
+                   dict(color=pe_color(pe), linestyle=attention_linestyle(attention),
+                        marker=attention_marker(attention)))
+                  for pe, attention in ours]
+        for name, line, style in lines:
+            if not line:
+                continue
+            line = sorted(line, key=lambda r: r["context"])
             contexts = [r["context"] for r in line]
-            ax_tps.plot(contexts, [r["tokens_per_s"] for r in line], marker="o", label=name, **style)
-            ax_mem.plot(contexts, [r["step_mem_mib"] for r in line], marker="o", label=name, **style)
+            ax_tps.plot(contexts, [r["tokens_per_s"] for r in line], label=name, **style)
+            ax_mem.plot(contexts, [r["step_mem_mib"] for r in line], label=name, **style)
+        measured = sorted({r["context"] for r in cell})
         for ax, ylabel in ((ax_tps, "tokens/s (fwd+bwd+AdamW)"), (ax_mem, "step memory (MiB)")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(measured, [str(c) for c in measured])  # the lengths measured, not powers of 2
+            ax.minorticks_off()
             ax.set_xlabel("context length")
             ax.set_ylabel(ylabel)
             ax.set_title(f"compile {'on' if mode else 'off'}, batch {batch}")
             ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=7, ncol=2, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
+    return fig
+
+
+def plot(result: dict, path: Path) -> None:
+    """bench.png: the figure, or a line saying there is none where the plot is expected."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
+    if fig is None:  # every combination failed
+        fig = plt.figure(figsize=(6, 2))
+        fig.text(0.5, 0.5, "no successful measurement (see bench.md)", ha="center")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

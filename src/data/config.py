@@ -2,7 +2,8 @@
 
 Registered with Hydra's ConfigStore as `data/data_schema`; every conf/data/*.yaml lists it first in
 its defaults, so a misspelt key (`data.val_fractoin=0.2`) fails at compose time, naming the key.
-Importing this module (any `import src.data`) is what registers it: do that before composing.
+Importing this module (any `import src.data`) is what registers it, and the `padded_vocab` resolver that
+conf/model/*.yaml use: do that before composing.
 """
 
 import os
@@ -10,8 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from src.data.tokenizer import DEFAULT_TOKENIZER, check_tokenizer_name, padded_vocab_size
+from src.errors import ConfigError
 
 DEFAULT_CACHE_DIR = "data_cache"
+SOURCES = ("embedded", "text_file", "hf", "fineweb_edu")
 
 
 @dataclass
@@ -39,6 +45,40 @@ class DataConfig:
     shard_tokens: int = 10_000_000  # tokens per .bin shard (uint16, so 2 bytes each)
     num_proc: int = 1  # tokenizer worker processes; 1 = in-process, <= 0 = all available CPUs
     max_docs: int | None = None  # only use the first max_docs documents (quick runs, tests)
+    # gpt2 (GPT-2 BPE, 50257 ids) | bytes (UTF-8 bytes, 256 ids): see src/data/tokenizer.py. The model's
+    # vocab_size follows it (conf/model/*.yaml); shards made with one tokenizer are never read as another's.
+    tokenizer: str = DEFAULT_TOKENIZER
+
+    def __post_init__(self) -> None:
+        check_tokenizer_name(self.tokenizer)
+        if self.name not in SOURCES:
+            raise ConfigError(f"data.name={self.name} is not a source: use data={', data='.join(SOURCES)}")
+        if self.name == "text_file" and not self.path:
+            raise ConfigError("data=text_file needs a file: add data.path=/path/to/corpus.txt")
+        if self.name in ("hf", "fineweb_edu") and not self.hf_path:
+            raise ConfigError("data=hf needs a dataset: add data.hf_path=<hub id, or json/text/parquet>")
+        if self.name in ("hf", "fineweb_edu") and self.streaming and self.val_tokens is None:
+            raise ConfigError(f"data={self.name} is streamed, a stream of unknown length, so data.val_fraction cannot "
+                              f"be applied: set data.val_tokens=<tokens to hold out from the start>")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction (the fraction of documents held out for validation) must be in "
+                              f"[0, 1), got {self.val_fraction}")
+        if not self.shard_tokens > 0:
+            raise ConfigError(f"data.shard_tokens must be positive, got {self.shard_tokens}")
+        for key in ("val_tokens", "max_docs"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ConfigError(f"data.{key} must be positive or null, got {getattr(self, key)}")
+
+    def num_val_docs(self, num_docs: int) -> int:
+        """Documents held out for validation from a source of num_docs: the last val_fraction of them, at least
+        one. ConfigError if that would leave none to train on."""
+        num_val = max(1, round(num_docs * self.val_fraction))
+        if num_val >= num_docs:
+            raise ConfigError(f"data={self.name} has {num_docs} document(s) and validation takes {num_val} "
+                              f"(data.val_fraction={self.val_fraction}, at least 1), leaving none for training: use "
+                              f"more documents (text_file: blank-line-separated paragraphs; data.max_docs) or a "
+                              f"smaller data.val_fraction")
+        return num_val
 
 
 def resolve_cache_dir(cfg: DataConfig) -> Path:
@@ -50,3 +90,5 @@ def resolve_cache_dir(cfg: DataConfig) -> Path:
 
 
 ConfigStore.instance().store(group="data", name="data_schema", node=DataConfig)
+# `vocab_size: ${padded_vocab:${data.tokenizer}}` in conf/model/*.yaml: the model's vocabulary follows the data's
+OmegaConf.register_new_resolver("padded_vocab", padded_vocab_size, replace=True)

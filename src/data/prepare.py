@@ -1,21 +1,23 @@
 """Tokenise a document source once into flat uint16 shards that training memory-maps.
 
 <cache_dir>/<dataset_key>/ holds
-  train_000000.bin, ..., val_000000.bin  raw np.uint16 GPT-2 token ids, EOT (50256) before every
-                                         document (as in build-nanogpt); a document may continue
-                                         from one shard into the next of the same split
-  meta.json       what was tokenised, token counts per shard, "complete": true; written last and
-                  atomically, so its presence means the dataset is finished
+  train_000000.bin, ..., val_000000.bin  raw np.uint16 token ids of data.tokenizer, its EOT (gpt2:
+                                         50256, bytes: 0) before every document (as in build-nanogpt);
+                                         a document may continue from one shard into the next
+  meta.json       what was tokenised and with which tokenizer, token counts per shard, "complete": true;
+                  written last and atomically, so its presence means the dataset is finished
   progress.json   only while unfinished: the finished shards and where in the document stream the
                   next shard starts, so a rerun after an interruption continues instead of restarting
 
 dataset_key = <readable source name>-<sha1 of source identity and layout settings>[:10], so two
-sources, or one source cut into shards or splits differently, never share a directory.
+sources, or one source tokenised or cut into shards or splits differently, never share a directory; a
+directory whose meta.json names another tokenizer is refused, never read.
 
 Usage: python -m src.data.prepare data=fineweb_edu [data.cache_dir=/scratch/pegrid]
 """
 
 import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -32,8 +34,9 @@ from tqdm import tqdm
 
 from src.atomic import atomic_write
 from src.data.config import DataConfig, resolve_cache_dir
-from src.data.sources import DataUnavailableError, describe_source, open_source
-from src.data.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
+from src.data.sources import DataUnavailableError, check_source, describe_source, open_source
+from src.data.tokenizer import get_tokenizer
+from src.errors import ConfigError, exit_bad_input
 from src.structured import to_dataclass
 
 SPLITS = ("train", "val")
@@ -66,21 +69,26 @@ def prepare(cfg: DataConfig) -> Path:
     Safe to call from several processes at once: one works, the others wait on a file lock.
     """
     out_dir = dataset_dir(cfg)
-    if _is_complete(out_dir):
+    if _is_complete(out_dir, cfg):
         return out_dir
-    if cfg.shard_tokens < 1:
-        raise ValueError(f"data.shard_tokens must be positive, got {cfg.shard_tokens}")
+    check_source(cfg)  # an unreadable or binary file fails before the shard dir is made
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _is_complete(out_dir):
+        if not _is_complete(out_dir, cfg):
             _prepare_locked(cfg, out_dir)
     return out_dir
 
 
-def _is_complete(out_dir: Path) -> bool:
+def _is_complete(out_dir: Path, cfg: DataConfig) -> bool:
     meta_path = out_dir / "meta.json"
-    return meta_path.is_file() and json.loads(meta_path.read_text()).get("complete") is True
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    if meta.get("tokenizer") != cfg.tokenizer:  # the key hashes the tokenizer: only a copied-in dir gets here
+        raise ValueError(f"{out_dir} holds {meta.get('tokenizer')} tokens, not data.tokenizer={cfg.tokenizer}'s: "
+                         f"remove it, it will be prepared again")
+    return meta.get("complete") is True
 
 
 @dataclass
@@ -99,14 +107,15 @@ def _prepare_locked(cfg: DataConfig, out_dir: Path) -> None:
     progress_path = out_dir / "progress.json"
     progress = _Progress(**json.loads(progress_path.read_text())) if progress_path.is_file() else _Progress()
     num_proc = cfg.num_proc if cfg.num_proc > 0 else len(os.sched_getaffinity(0))
-    get_tokenizer()  # built once here, inherited by the forked workers
+    get_tokenizer(cfg.tokenizer)  # built once here, inherited by the forked workers
+    tokenize = functools.partial(_tokenize, cfg.tokenizer)
     # Workers are forked (starts in well under a second; spawn re-imports torch & co in each) and
     # before the source is opened, because a streaming source starts threads and forking a
     # process that runs threads is unsafe.
     with multiprocessing.get_context("fork").Pool(num_proc) if num_proc > 1 else nullcontext() as pool:
         documents = open_source(cfg, start=progress.next_doc)
         split_of = _splitter(cfg, documents.count, progress)
-        token_arrays = pool.imap(_tokenize, documents.texts, chunksize=16) if pool else map(_tokenize, documents.texts)
+        token_arrays = pool.imap(tokenize, documents.texts, chunksize=16) if pool else map(tokenize, documents.texts)
         with tqdm(desc=f"tokenising into {out_dir.name}", unit="tok", unit_scale=True,
                   initial=sum(progress.tokens.values())) as bar:
             _ShardWriter(out_dir, cfg.shard_tokens, progress, progress_path, bar).write(
@@ -123,24 +132,20 @@ def _prepare_locked(cfg: DataConfig, out_dir: Path) -> None:
 def _layout(cfg: DataConfig) -> dict:
     """The settings besides the source that change the bytes on disk."""
     val = {"tokens": cfg.val_tokens} if cfg.val_tokens is not None else {"fraction": cfg.val_fraction}
-    return {"tokenizer": "gpt2", "shard_tokens": cfg.shard_tokens, "val": val, "max_docs": cfg.max_docs}
+    return {"tokenizer": cfg.tokenizer, "shard_tokens": cfg.shard_tokens, "val": val, "max_docs": cfg.max_docs}
 
 
 def _splitter(cfg: DataConfig, num_docs, progress: _Progress):
     """Which split document i goes to: the last val_fraction of documents, or the first val_tokens."""
     if cfg.val_tokens is not None:
         return lambda i: "val" if progress.tokens["val"] < cfg.val_tokens else "train"
-    if num_docs is None:
-        raise ValueError(f"data={cfg.name} is a stream of unknown length, so val_fraction cannot be "
-                         f"applied: set data.val_tokens=<tokens to hold out from the start>")
-    num_train = num_docs - max(1, round(num_docs * cfg.val_fraction))
-    if num_train < 1:
-        raise ValueError(f"data={cfg.name} has {num_docs} document(s); need at least 2 for train and val")
+    num_train = num_docs - cfg.num_val_docs(num_docs)  # a stream (no count) has val_tokens: DataConfig says so
     return lambda i: "train" if i < num_train else "val"
 
 
-def _tokenize(text: str) -> np.ndarray:
-    return np.array([EOT_TOKEN, *get_tokenizer().encode_ordinary(text)], dtype=np.uint16)
+def _tokenize(tokenizer: str, text: str) -> np.ndarray:
+    enc = get_tokenizer(tokenizer)
+    return np.array([enc.eot_token, *enc.encode_ordinary(text)], dtype=np.uint16)
 
 
 class _ShardWriter:
@@ -189,6 +194,7 @@ class _ShardWriter:
 
 def _write_meta(cfg: DataConfig, out_dir: Path, progress: _Progress) -> None:
     name, identity = describe_source(cfg)
+    enc = get_tokenizer(cfg.tokenizer)
     splits = {
         split: {
             "tokens": progress.tokens[split],
@@ -198,7 +204,7 @@ def _write_meta(cfg: DataConfig, out_dir: Path, progress: _Progress) -> None:
         for split in SPLITS
     }
     meta = {"dataset_key": out_dir.name, "source": name, "identity": identity, "layout": _layout(cfg),
-            "tokenizer": "gpt2", "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN, "dtype": "uint16",
+            "tokenizer": cfg.tokenizer, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16",
             "splits": splits, "complete": True}
     atomic_write(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
 
@@ -207,10 +213,11 @@ def _write_meta(cfg: DataConfig, out_dir: Path, progress: _Progress) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         out_dir = ensure_prepared(cfg.data)
-    except DataUnavailableError as error:  # expected, e.g. offline: one line, no traceback
-        raise SystemExit(f"error: {error}") from None
-    print(f"shards: {out_dir}")
-    for split, info in load_meta(out_dir)["splits"].items():
+    except (ConfigError, DataUnavailableError) as error:  # bad input, or offline: one line, exit 2
+        exit_bad_input(error)
+    meta = load_meta(out_dir)
+    print(f"shards: {out_dir} (tokenizer {meta['tokenizer']})")
+    for split, info in meta["splits"].items():
         print(f"{split}: {info['tokens']:,} tokens, {info['docs']:,} documents, {len(info['shards'])} shard(s)")
 
 

@@ -8,6 +8,7 @@
 - fineweb_edu: the hf source with HuggingFaceFW/fineweb-edu preset in conf/data/fineweb_edu.yaml.
 """
 
+import codecs
 import hashlib
 import os
 import re
@@ -15,9 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.data.config import DataConfig
+from src.data.config import SOURCES, DataConfig
+from src.errors import ConfigError
 
-SOURCES = ("embedded", "text_file", "hf", "fineweb_edu")
+_HEAD_BYTES = 1 << 16  # what check_source reads of a text file
 
 
 class DataUnavailableError(RuntimeError):
@@ -38,13 +40,29 @@ def describe_source(cfg: DataConfig) -> tuple[str, dict]:
         path = _text_file_path(cfg)
         return f"text_file-{_slug(path.stem)}", {"source": "text_file", **_file_identity(path)}
     if cfg.name in ("hf", "fineweb_edu"):
-        _require_hf_path(cfg)
         name = "-".join(_slug(part) for part in ("hf", cfg.hf_path, cfg.hf_name) if part)
         data_files = _file_identity(Path(cfg.hf_data_files)) if cfg.hf_data_files else None
         identity = {"source": "hf", "path": cfg.hf_path, "name": cfg.hf_name, "split": cfg.hf_split,
                     "data_files": data_files, "text_column": cfg.text_column}
         return name, identity
     raise ValueError(f"unknown data source {cfg.name!r}; choose one of {', '.join(SOURCES)}")
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Fail in milliseconds on a text file that is missing, unreadable or not UTF-8 text (judged by its first
+    64 KiB: reading it all is the tokeniser's job, and a bad byte further on fails that read the same way)."""
+    if cfg.name != "text_file":
+        return
+    path = _text_file_path(cfg)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError as error:
+        raise DataUnavailableError(f"cannot read text file {path} ({error.strerror}): fix data.path=...") from None
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # not final: a character cut at 64 KiB is fine
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
 
 
 def open_source(cfg: DataConfig, start: int = 0) -> Documents:
@@ -65,8 +83,6 @@ def _embedded_documents() -> list[str]:
 
 
 def _text_file_path(cfg: DataConfig) -> Path:
-    if not cfg.path:
-        raise ValueError("data=text_file needs a file: add data.path=/path/to/corpus.txt")
     path = Path(cfg.path).expanduser().absolute()
     if not path.is_file():
         raise DataUnavailableError(f"text file {path} does not exist or is not a file: fix data.path=...")
@@ -74,19 +90,23 @@ def _text_file_path(cfg: DataConfig) -> Path:
 
 
 def _paragraphs(path: Path) -> list[str]:
-    paragraphs = re.split(r"\n[ \t\r]*\n", path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
+    paragraphs = re.split(r"\n[ \t\r]*\n", text)
     return [p.strip("\r\n") for p in paragraphs if p.strip()]
 
 
-def _require_hf_path(cfg: DataConfig) -> None:
-    if not cfg.hf_path:
-        raise ValueError("data=hf needs a dataset: add data.hf_path=<hub id, or json/text/parquet>")
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> ConfigError:
+    return ConfigError(f"data.path={path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                       f"{error.start}): data=text_file reads UTF-8 text; convert the file (iconv -t UTF-8) or "
+                       f"pass another one")
 
 
 def _open_hf(cfg: DataConfig, start: int) -> Documents:
     import datasets
 
-    _require_hf_path(cfg)
     what = cfg.hf_path + (f" ({cfg.hf_name})" if cfg.hf_name else "")
     advice = "check your network (and HF_HUB_OFFLINE), or use data=text_file data.path=<local file>"
     on_hub = "/" in cfg.hf_path and not os.path.exists(cfg.hf_path)
@@ -103,8 +123,8 @@ def _open_hf(cfg: DataConfig, start: int) -> Documents:
                                    f"/ data.hf_data_files, or use data=text_file data.path=<local file>"
                                    ) from error
     if dataset.column_names is not None and cfg.text_column not in dataset.column_names:
-        raise ValueError(f"{what} has no column {cfg.text_column!r} (it has {dataset.column_names}): "
-                         f"set data.text_column=...")
+        raise ConfigError(f"{what} has no column {cfg.text_column!r} (it has {dataset.column_names}): "
+                          f"set data.text_column=...")
     dataset = dataset.select_columns([cfg.text_column])
     if cfg.max_docs is not None:
         dataset = dataset.take(cfg.max_docs)

@@ -5,10 +5,9 @@ comes from the run's own data config, <run_dir>/config.yaml. Results are printed
 <ckpt_dir>/eval.json and merged into <run_dir>/summary.json under the metric names of src/eval/config.py
 (other keys there are kept), with `eval/preset` (the `eval=` choice: budgets differ between presets, so
 numbers from different presets are not comparable) and `eval/checkpoint` (which checkpoint was scored).
-On CUDA the model runs under bf16 autocast, as in training.
+On CUDA the model runs under bf16 autocast, as in training. Bad input is one line on stderr and exit status 2.
 """
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -18,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from src.atomic import atomic_write_json
 from src.checkpoint import CheckpointError, load_model
 from src.data import DataUnavailableError, ensure_prepared
+from src.errors import ConfigError, exit_bad_input
 from src.eval.hellaswag import HellaSwagUnavailableError, ensure_hellaswag
-from src.eval.suite import run_evaluation
+from src.eval.suite import eval_config, run_evaluation
 from src.training.distributed import resolve_device
 from src.training.run_record import RunRecord
 from src.training.trainer import autocast_for
@@ -55,14 +55,15 @@ def print_table(results: dict) -> None:
 def evaluate(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise CheckpointError("say which model to evaluate: python -m src.eval ckpt=<run dir or checkpoint dir>")
-    device = resolve_device(cfg.device, local_rank=0)
+    eval_cfg = eval_config(cfg.eval)  # bad values fail before the model is loaded
+    device = resolve_device(cfg.device, local_rank=0, key="device")
     model, ckpt_dir = load_model(cfg.ckpt, device)
     run_dir = run_dir_of(Path(cfg.ckpt), ckpt_dir)
     data_cfg = run_data_config(run_dir)
-    if cfg.eval.hellaswag.enabled:
-        ensure_hellaswag(cfg.eval.hellaswag)  # fail in seconds when offline, before any work is done
+    if eval_cfg.hellaswag.enabled:
+        ensure_hellaswag(eval_cfg.hellaswag)  # fail in seconds when offline, before any work is done
     shard_dir = ensure_prepared(data_cfg)
-    results = run_evaluation(model, cfg.eval, shard_dir, device, autocast_for(device, "auto"))
+    results = run_evaluation(model, eval_cfg, shard_dir, device, autocast_for(device, "auto"))
     print(f"{ckpt_dir} on {device}:")
     print_table(results)
     preset = HydraConfig.get().runtime.choices.get("eval") if HydraConfig.initialized() else None
@@ -76,9 +77,8 @@ def evaluate(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except (CheckpointError, RunConfigError, DataUnavailableError, HellaSwagUnavailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, CheckpointError, RunConfigError, DataUnavailableError, HellaSwagUnavailableError) as err:
+        exit_bad_input(err)
 
 
 if __name__ == "__main__":

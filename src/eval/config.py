@@ -12,12 +12,21 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from src.errors import ConfigError
+
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 VAL_LOSS = "val/loss"
 HELLASWAG_ACC = "hellaswag/acc"
 HELLASWAG_ACC_NORM = "hellaswag/acc_norm"
 HELLASWAG_N = "hellaswag/n"
+
+
+def _require_positive(section: str, cfg, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"eval.{section}.{key} must be positive, got {value}")
 
 
 def extrapolation_loss_key(multiplier: int) -> str:
@@ -37,6 +46,9 @@ class ValConfig:
     num_tokens: int = 1_048_576
     batch_size: int = 8  # windows of block_size tokens per forward pass (per rank)
 
+    def __post_init__(self) -> None:
+        _require_positive("val", self, "num_tokens", "batch_size")
+
 
 @dataclass
 class HellaSwagConfig:
@@ -47,8 +59,14 @@ class HellaSwagConfig:
     # it when that variable is set (one shared copy on a cluster)
     cache_dir: str = "data_cache/hellaswag"
     url: str = HELLASWAG_URL
+    # sha256 a download from `url` must have, else it is deleted (rowanz/hellaswag's file, 12,246,618 bytes, as
+    # pinned by HF datasets' hellaswag checksums); another url needs its own: `sha256sum hellaswag_val.jsonl`
+    sha256: str = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
     limit: int | None = None  # score only the first `limit` of the 10,042 items (quick runs)
     batch_size: int = 4  # items (4 sequences each) per forward pass (per rank)
+
+    def __post_init__(self) -> None:
+        _require_positive("hellaswag", self, "limit", "batch_size")
 
 
 @dataclass
@@ -57,6 +75,12 @@ class ExtrapolationConfig:
     multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # context = m x block_size
     num_tokens: int = 262_144  # fixed token budget per context length, as val.num_tokens
     batch_size: int = 8  # windows per forward pass at 1x; at m x it is max(1, batch_size // m)
+
+    def __post_init__(self) -> None:
+        _require_positive("extrapolation", self, "num_tokens", "batch_size")
+        if not all(m >= 1 for m in self.multipliers):
+            raise ConfigError(f"eval.extrapolation.multipliers must be whole numbers >= 1 (context = m x "
+                              f"model.block_size), got {self.multipliers}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ the counts are all-reduced (every rank must call evaluate_hellaswag).
 """
 
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -54,7 +55,8 @@ class Example:
 
 
 def ensure_hellaswag(cfg: HellaSwagConfig) -> Path:
-    """The local HellaSwag val file: cfg.path, or the copy in cache_dir, downloaded from cfg.url if absent.
+    """The local HellaSwag val file: cfg.path, or the copy in cache_dir, downloaded from cfg.url if absent
+    and kept only if its sha256 is cfg.sha256 (a file of one's own at cfg.path is taken as it is).
 
     Call it before training to fail in seconds, not at the first evaluation, when the file cannot be had.
     """
@@ -69,17 +71,26 @@ def ensure_hellaswag(cfg: HellaSwagConfig) -> Path:
         cache_dir = os.path.join(os.environ["PEGRID_DATA_DIR"], "hellaswag")
     path = Path(cache_dir).expanduser().absolute() / FILE_NAME
     if not path.is_file():
-        _download(cfg.url, path)
+        _download(cfg.url, path, cfg.sha256)
     return path
 
 
-def _download(url: str, path: Path) -> None:
-    """Download to a temporary file next to `path`, then rename: `path` is absent or complete."""
+def _download(url: str, path: Path, sha256: str) -> None:
+    """Download to a temporary file next to `path`, check its sha256, then rename: `path` is absent or complete
+    and the pinned file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            out.write(response.read())
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256.lower():
+            Path(tmp).unlink()
+            raise HellaSwagUnavailableError(
+                f"HellaSwag downloaded from {url} has sha256 {digest.hexdigest()}, expected {sha256} "
+                f"(eval.hellaswag.sha256), so it was deleted: {FIX}")
         os.replace(tmp, path)
     except OSError as err:  # URLError, HTTPError, timeouts and disk errors are all OSErrors
         Path(tmp).unlink(missing_ok=True)

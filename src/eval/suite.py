@@ -3,6 +3,7 @@
 run_evaluation returns one flat dict keyed by the metric names in src/eval/config.py (the contract with
 metrics.jsonl, W&B, summary.json and the analysis). Under torch.distributed every rank must call it
 (the metrics are all-reduced) with the unwrapped model (not the DDP wrapper); all ranks get the same dict.
+HellaSwag's items are GPT-2 BPE ids, so it scores only models of `data.tokenizer=gpt2` (check_tokenizer).
 """
 
 from collections.abc import Callable
@@ -13,6 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from src.data.prepare import load_meta
+from src.data.tokenizer import DEFAULT_TOKENIZER
+from src.errors import ConfigError
 from src.eval.config import VAL_LOSS, EvalConfig
 from src.eval.extrapolation import evaluate_extrapolation
 from src.eval.hellaswag import evaluate_hellaswag
@@ -25,10 +29,20 @@ def eval_config(cfg: Any) -> EvalConfig:
     return to_dataclass(EvalConfig, cfg)
 
 
+def check_tokenizer(eval_cfg: Any, tokenizer: str) -> None:
+    """One-line error when an enabled part of the suite cannot score a model of `tokenizer`; call it before
+    training, when the config is known."""
+    if eval_config(eval_cfg).hellaswag.enabled and tokenizer != DEFAULT_TOKENIZER:
+        raise ConfigError(f"HellaSwag needs the GPT-2 BPE tokenizer (data.tokenizer={DEFAULT_TOKENIZER}); this "
+                          f"model reads data.tokenizer={tokenizer}: set eval.hellaswag.enabled=false (or eval=offline)")
+
+
 def run_evaluation(model: nn.Module, eval_cfg: Any, shard_dir: str | Path, device: str | torch.device,
                    autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float | int | None]:
     """val/loss, then extrapolation/* and hellaswag/* when enabled; the model's train/eval mode is kept."""
     cfg = eval_config(eval_cfg)
+    if cfg.hellaswag.enabled:  # before any scoring: the shards say which tokenizer the model reads
+        check_tokenizer(cfg, load_meta(shard_dir)["tokenizer"])
     tokens = val_tokens(shard_dir)
     results: dict[str, float | int | None] = {
         VAL_LOSS: evaluate_loss(model, tokens, model.config.block_size, cfg.val.num_tokens, cfg.val.batch_size,

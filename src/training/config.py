@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from src.errors import ConfigError
+
 
 @dataclass
 class TrainerConfig:
@@ -23,7 +25,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 100  # 0: only at the end
     ckpt_every: int = 100  # 0: only at the end
-    keep_last: int = 2  # checkpoints kept on disk
+    keep_last: int = 2  # checkpoints kept on disk; 0 keeps all
     resume: str = "auto"  # auto: continue from the newest valid checkpoint in the run dir | never
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -32,13 +34,25 @@ class TrainerConfig:
     progress: bool = True  # a progress bar on rank 0
 
     def __post_init__(self) -> None:
+        # `not x > 0` rather than `x <= 0`: NaN fails too. The device is checked against the machine in preflight.
         if self.resume not in ("auto", "never"):
-            raise ValueError(f"trainer.resume must be 'auto' or 'never', got '{self.resume}'")
+            raise ConfigError(f"trainer.resume must be 'auto' or 'never', got '{self.resume}'")
         if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"trainer.dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
-        for key in ("max_steps", "total_batch_tokens", "micro_batch_size", "log_every"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+            raise ConfigError(f"trainer.dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
+        for key in ("max_steps", "total_batch_tokens", "micro_batch_size", "log_every", "lr", "eps"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+        for key in ("warmup_steps", "eval_every", "ckpt_every", "keep_last", "weight_decay", "grad_clip"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"trainer.min_lr_ratio (the final lr as a fraction of trainer.lr) must be in [0, 1], "
+                              f"got {self.min_lr_ratio}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"trainer.seed must be in [0, 2**32), numpy's seed range, got {self.seed}")
 
 
 @dataclass
@@ -52,9 +66,9 @@ class LoggerConfig:
 
     def __post_init__(self) -> None:
         if self.name not in ("none", "wandb"):
-            raise ValueError(f"logger.name must be 'none' or 'wandb', got '{self.name}'")
+            raise ConfigError(f"logger.name must be 'none' or 'wandb', got '{self.name}'")
         if self.mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"logger.mode must be online, offline or disabled, got '{self.mode}'")
+            raise ConfigError(f"logger.mode must be online, offline or disabled, got '{self.mode}'")
 
 
 ConfigStore.instance().store(group="trainer", name="trainer_schema", node=TrainerConfig)

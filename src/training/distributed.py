@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from src.errors import ConfigError
 
 
 @dataclass
@@ -24,14 +27,40 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
+def context_from_env() -> DistContext:
+    """This process's ranks as torchrun (or export_submitit_env) sets RANK / LOCAL_RANK / WORLD_SIZE."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistContext()
+    return DistContext(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+
+
+def resolve_device(requested: str, local_rank: int, key: str = "trainer.device") -> torch.device:
+    """The device for `requested` (auto | cpu | cuda | cuda:N | mps); ConfigError, naming the config `key`, if
+    this machine has no such device."""
     if requested != "auto":
-        return torch.device(requested)
+        return _available_device(requested, key)
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _available_device(requested: str, key: str) -> torch.device:
+    fix = f"use {key}=cpu, or {key}=auto (the best device there is)"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested):
+        raise ConfigError(f"{key}={requested} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={requested} but CUDA is not available on this machine (torch {torch.__version__}): "
+                          f"{fix}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={requested} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                          f"use {key}=cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or {key}=auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}=mps but MPS (Apple GPU) is not available on this machine: {fix}")
+    return device
 
 
 def export_submitit_env() -> bool:
@@ -50,11 +79,10 @@ def export_submitit_env() -> bool:
 
 
 def init_distributed(device_request: str) -> tuple[DistContext, torch.device]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return DistContext(), resolve_device(device_request, 0)
-    ctx = DistContext(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    ctx = context_from_env()
     device = resolve_device(device_request, ctx.local_rank)
+    if not ctx.enabled:
+        return ctx, device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

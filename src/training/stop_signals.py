@@ -35,10 +35,6 @@ class StopSignals:
             raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the step
         self.requested = signal.Signals(signum)
 
-    @property
-    def reason(self) -> str:
-        return f"stopped by {self.requested.name}" if self.requested else ""
-
     def chain(self) -> None:
         """Call the handler that was there before ours for the received signal, if it was a Python one."""
         previous = self._previous.get(self.requested)

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import resource
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from src.eval.config import VAL_LOSS
 from src.eval.hellaswag import ensure_hellaswag
 from src.eval.suite import eval_config, run_evaluation
 from src.model import build_model, model_config
+from src.preflight import check_inputs
 from src.provenance import provenance
 from src.structured import to_dataclass
 from src.training.config import LoggerConfig, TrainerConfig
@@ -101,6 +103,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     The run dir is locked for the run's duration (one process per record). A stop signal (SIGINT, SIGTERM,
     SLURM's USR2) checkpoints the current step and returns a summary with status `interrupted`.
     """
+    check_inputs(cfg, run_dir)  # bad input fails here, before anything is written
     tcfg = to_dataclass(TrainerConfig, cfg.trainer)
     lcfg = to_dataclass(LoggerConfig, cfg.logger)
     mcfg = model_config(cfg.model)
@@ -119,13 +122,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistContext, device, record: RunRecord,
            stop: StopSignals):
-    tokens_per_micro_step = tcfg.micro_batch_size * mcfg.block_size * dist_ctx.world_size
-    if tcfg.total_batch_tokens % tokens_per_micro_step:
-        raise ValueError(
-            f"trainer.total_batch_tokens ({tcfg.total_batch_tokens}) must be a multiple of micro_batch_size x "
-            f"block_size x world_size = {tokens_per_micro_step}"
-        )
-    grad_accum = tcfg.total_batch_tokens // tokens_per_micro_step
+    # check_inputs made sure the micro-batches divide total_batch_tokens
+    grad_accum = tcfg.total_batch_tokens // (tcfg.micro_batch_size * mcfg.block_size * dist_ctx.world_size)
     seed_everything(tcfg.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -155,6 +153,7 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
             loader.load_state_dict(state["loader"])
             restore_rng_state(state["rng"])
             start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+            match_thread_count(state.get("num_threads"), device)
             log.info("resumed from %s (step %d)", ckpt_dir, start_step)
     previous = record.read_summary()
     if start_step >= tcfg.max_steps and previous.get("status") == "finished":
@@ -199,7 +198,7 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
         nonlocal last_checkpoint
         if dist_ctx.is_main and step not in (0, last_checkpoint):
             state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                     "rng": rng_state(), "elapsed_s": elapsed()}
+                     "rng": rng_state(), "elapsed_s": elapsed(), "num_threads": torch.get_num_threads()}
             try:
                 save_checkpoint(record.checkpoint_dir, step, model, model_config_dict, state, tcfg.keep_last)
             except NonFiniteCheckpoint as err:
@@ -211,19 +210,22 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
         where = f"the last finite checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint was written"
         return f"{where} (lower trainer.lr or raise trainer.warmup_steps)"
 
-    def stop_requested() -> bool:  # every rank must leave the loop at the same step
-        flag = torch.tensor(float(stop.requested is not None), device=device)
-        return all_reduce_mean(flag, dist_ctx).item() > 0 if dist_ctx.enabled else stop.requested is not None
+    def stop_signal() -> signal.Signals | None:  # every rank must take the same branch: the highest signal of any
+        if not dist_ctx.enabled:
+            return stop.requested
+        flag = torch.tensor(float(stop.requested or 0), device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return signal.Signals(int(flag.item())) if flag.item() else None
 
     step, last_loss, eval_metrics = start_step, float("nan"), {}
     # any other BaseException (SystemExit) leaves the run "running": whoever raised it resumes it
-    status, error = "running", None
+    status, error, stopped_by = "running", None, None
     started = time.perf_counter()
     bar = tqdm(total=tcfg.max_steps, initial=start_step, desc=name, disable=not (tcfg.progress and dist_ctx.is_main),
                dynamic_ncols=True)
     try:
         window_tokens, window_time = 0, 0.0
-        while step < tcfg.max_steps and not stop_requested():
+        while step < tcfg.max_steps and stop_signal() is None:
             t0 = time.perf_counter()
             lr = lr_at(step, tcfg)
             for group in optimizer.param_groups:
@@ -275,14 +277,17 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
                 checkpoint(step)
         bar.close()
         checkpoint(step)  # before the final evaluation: an evaluation that crashes must not cost training steps
-        if stop.requested:
+        stopped_by = stop_signal()
+        if stopped_by:
             status = "interrupted"
-            error = f"{stop.reason} at step {step}; checkpointed: rerun the same command to resume"
+            saved = "checkpointed" if step else "nothing trained yet"
+            error = f"stopped by {stopped_by.name} at step {step}; {saved}: rerun the same command to resume"
         else:
             # resumed after the final evaluation was logged but before the summary was written: reuse it
             eval_metrics = logged_evaluation(record, step) or evaluate(step)
             status = "finished"
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, the previous one is kept
+        stopped_by = signal.SIGINT
         status, error = "interrupted", f"stopped by a second SIGINT at step {step}; resumes from the last checkpoint"
         raise
     except Exception as err:
@@ -290,11 +295,12 @@ def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistCon
         raise
     finally:
         bar.close()
-        summary = dict(summary_base, status=status, step=step)  # what non-main ranks return
+        summary = dict(summary_base, status=status, step=step, error=error,  # what non-main ranks return
+                       stopped_by=stopped_by.name if stopped_by else None)
         if dist_ctx.is_main:
             summary = record.update_summary(
                 **summary_base, status=status, error=error, step=step, tokens=step * tcfg.total_batch_tokens,
-                stopped_by=stop.requested.name if stop.requested else None,
+                stopped_by=stopped_by.name if stopped_by else None,
                 **{"train/loss": last_loss}, **eval_metrics, **{"time/elapsed_s": elapsed()},
                 **_perf_summary(record),
             )
@@ -307,6 +313,15 @@ def logged_evaluation(record: RunRecord, step: int) -> dict:
     """The metrics of an evaluation row already logged at `step`, or {}."""
     rows = [r for r in record.read_metrics() if r.get("step") == step and VAL_LOSS in r]
     return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+
+
+def match_thread_count(saved: int | None, device: torch.device) -> None:
+    """On CPU the reductions (layer norm backward, MKL matmuls, sums) split their work by the intra-op thread
+    count, so a step at 1 thread differs from one at 2 in the last bit: resume at the checkpoint's count."""
+    if device.type == "cpu" and saved and saved != torch.get_num_threads():
+        log.warning("the checkpoint was written with %d intra-op threads, this process has %d: using %d, so that the "
+                    "resumed run reproduces the uninterrupted one", saved, torch.get_num_threads(), saved)
+        torch.set_num_threads(saved)
 
 
 def _perf_summary(record: RunRecord) -> dict:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from src.errors import ConfigError
 from src.model.pe.base import PE_REGISTRY, PEConfig, PositionalEncoding
 
 
@@ -27,6 +28,11 @@ class FIREConfig(PEConfig):
     init_c: float = 0.1
     init_L: float = 512.0
     eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for key in ("mlp_width", "init_c", "init_L", "eps"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"model.pe.{key} must be positive, got {getattr(self, key)}")
 
 
 @PE_REGISTRY.register("fire", FIREConfig)

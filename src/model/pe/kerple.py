@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from src.errors import ConfigError
 from src.model.pe.base import PE_REGISTRY, PEConfig, PositionalEncoding
 
 
@@ -19,6 +20,10 @@ from src.model.pe.base import PE_REGISTRY, PEConfig, PositionalEncoding
 class KERPLEConfig(PEConfig):
     variant: str = "log"  # log | power
     eps: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0:  # the floor that keeps r1, r2 positive
+            raise ConfigError(f"model.pe.eps must be positive, got {self.eps}")
 
 
 @PE_REGISTRY.register("kerple", KERPLEConfig)

@@ -8,12 +8,17 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from src.errors import ConfigError
 from src.model.pe.base import PE_REGISTRY, PEConfig, PositionalEncoding
 
 
 @dataclass
 class LearnedConfig(PEConfig):
     init_std: float = 0.02  # GPT-2's initializer_range
+
+    def __post_init__(self) -> None:
+        if not self.init_std >= 0:
+            raise ConfigError(f"model.pe.init_std must be >= 0, got {self.init_std}")
 
 
 @PE_REGISTRY.register("learned", LearnedConfig)

@@ -10,12 +10,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from src.errors import ConfigError
 from src.model.pe.base import PE_REGISTRY, PEConfig, PositionalEncoding
 
 
 @dataclass
 class RoPEConfig(PEConfig):
     base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if not self.base > 1:  # θ_i = base^(-2i/d) must fall with i
+            raise ConfigError(f"model.pe.base must be > 1, got {self.base}")
 
 
 @PE_REGISTRY.register("rope", RoPEConfig)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from src.errors import ConfigError
 from src.model.pe.base import PE_REGISTRY, PEConfig, PositionalEncoding
 
 
@@ -19,6 +20,10 @@ from src.model.pe.base import PE_REGISTRY, PEConfig, PositionalEncoding
 class SinusoidalConfig(PEConfig):
     base: float = 10000.0
     scale_embeddings: bool = True  # multiply token embeddings by √d_model, as the paper
+
+    def __post_init__(self) -> None:
+        if not self.base > 1:  # the wavelengths 2π·base^(2i/d) must grow with i
+            raise ConfigError(f"model.pe.base must be > 1, got {self.base}")
 
 
 @PE_REGISTRY.register("sinusoidal", SinusoidalConfig)
