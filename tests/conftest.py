@@ -23,6 +23,18 @@ def tiny_model_cfg(pe_name: str, attention_name: str, **overrides) -> dict:
     return cfg
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run ~100x slower when torch's threads fight other processes for 2 shared cores; a module
+    uses it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def root() -> Path:
     return ROOT

@@ -36,13 +36,7 @@ from tests.train_helpers import compose_train, tiny_overrides
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run ~100x slower when torch's threads fight other processes for 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def real_vocab_cfg(pe: str, attention: str, **overrides) -> dict:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from src.checkpoint import list_checkpoints
 from src.data import TokenLoader
 from src.training.trainer import train
-from tests.train_helpers import compose_train, tiny_overrides
+from tests.train_helpers import compose_train, next_batch_that_signals, tiny_overrides
 from tests.train_helpers import record_rows as rows
 from tests.train_helpers import train_losses as losses
 
@@ -43,18 +43,6 @@ def final_weights(run_dir):
     return load_file(str(list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors"))
 
 
-def signal_at_batch(monkeypatch, n: int, signum=signal.SIGTERM) -> None:
-    original, batches = TokenLoader.next_batch, {"n": 0}
-
-    def signalled(self):
-        batches["n"] += 1
-        if batches["n"] == n:
-            os.kill(os.getpid(), signum)
-        return original(self)
-
-    monkeypatch.setattr(TokenLoader, "next_batch", signalled)
-
-
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs to run at 2 threads")
 def test_a_resume_with_another_thread_count_reproduces_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
     overrides = tiny_overrides(data_dir, steps=10, extra=["trainer.ckpt_every=100", "trainer.total_batch_tokens=256",
@@ -65,7 +53,8 @@ def test_a_resume_with_another_thread_count_reproduces_the_uninterrupted_run(dat
         train(compose_train(overrides), tmp_path / "straight")
         run_dir = tmp_path / "stopped"
         with monkeypatch.context() as m:
-            signal_at_batch(m, 7)  # in step 4 (2 micro-batches a step): step 4 finishes, is checkpointed, the run stops
+            # in step 4 (2 micro-batches a step): step 4 finishes, is checkpointed, the run stops
+            m.setattr(TokenLoader, "next_batch", next_batch_that_signals(7, signal.SIGTERM))
             assert train(compose_train(overrides), run_dir)["step"] == 4
         torch.set_num_threads(1)  # the attempt that resumes gets one thread (OMP_NUM_THREADS=1, fewer CPUs, taskset)
         assert train(compose_train(overrides), run_dir)["status"] == "finished"
@@ -83,15 +72,7 @@ def _stopped_rank(rank, world_size, port, cfg_yaml, run_dir, signalled_ranks):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if rank in signalled_ranks:
-        original, batches = TokenLoader.next_batch, {"n": 0}
-
-        def signalled(self):
-            batches["n"] += 1
-            if batches["n"] == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return original(self)
-
-        TokenLoader.next_batch = signalled
+        TokenLoader.next_batch = next_batch_that_signals(3, signal.SIGTERM)
     try:
         summary = train(OmegaConf.create(cfg_yaml), run_dir)
         result = {k: summary.get(k, "<missing>") for k in ("status", "step", "stopped_by", "error")}

@@ -4,7 +4,6 @@ stop signals, damaged checkpoints (issue #13, items 1-6)."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from src.training.fingerprint import config_fingerprint
 from src.training.run_lock import RunDirLocked, RunLock
 from src.training.trainer import TrainingDiverged, train
 from tests.conftest import ROOT
-from tests.train_helpers import compose_train, tiny_overrides
+from tests.train_helpers import compose_train, next_batch_that_signals, tiny_overrides
 from tests.train_helpers import record_rows as rows
 from tests.train_helpers import train_losses as losses
 
@@ -154,15 +153,7 @@ def test_a_stop_signal_checkpoints_the_current_step_and_resumes_exactly(signum, 
     overrides = tiny_overrides(data_dir, steps=8, extra=["trainer.ckpt_every=100"])
     train(compose_train(overrides), tmp_path / "straight")
 
-    original, batches = TokenLoader.next_batch, {"n": 0}
-
-    def signalled(self):
-        batches["n"] += 1
-        if batches["n"] == 5:  # during step 5: the step finishes, then the run stops
-            os.kill(os.getpid(), signum)
-        return original(self)
-
-    monkeypatch.setattr(TokenLoader, "next_batch", signalled)
+    monkeypatch.setattr(TokenLoader, "next_batch", next_batch_that_signals(5, signum))  # during step 5
     run_dir = tmp_path / "stopped"
     stopped = train(compose_train(overrides), run_dir)
     assert stopped["status"] == "interrupted" and stopped["step"] == 5
@@ -184,15 +175,7 @@ def test_the_previous_usr2_handler_runs_after_the_checkpoint(data_dir, tmp_path,
         raise SystemExit(-1)
 
     previous = signal.signal(signal.SIGUSR2, submitit_like)
-    original, batches = TokenLoader.next_batch, {"n": 0}
-
-    def signalled(self):
-        batches["n"] += 1
-        if batches["n"] == 2:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return original(self)
-
-    monkeypatch.setattr(TokenLoader, "next_batch", signalled)
+    monkeypatch.setattr(TokenLoader, "next_batch", next_batch_that_signals(2, signal.SIGUSR2))
     try:
         with pytest.raises(SystemExit):
             train(compose_train(tiny_overrides(data_dir, steps=5, extra=["trainer.ckpt_every=100"])), tmp_path)

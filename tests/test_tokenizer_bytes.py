@@ -28,13 +28,7 @@ from tests.train_helpers import compose_train
 TEXT = "Größe: 犬 🦜 — plain ASCII too.\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run far slower when torch's threads fight other processes for 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- the tokenizer -----------------------------------------------------------------------------

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import src.schemas  # noqa: F401
+from src.data import TokenLoader
 from tests.conftest import ROOT
 
 
@@ -44,3 +47,17 @@ def record_rows(run_dir) -> list[dict]:
 
 def train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in record_rows(run_dir) if "train/loss" in r}
+
+
+def next_batch_that_signals(at_batch: int, signum: int) -> Callable:
+    """A TokenLoader.next_batch that sends `signum` to this process while fetching batch number `at_batch`:
+    the step in progress finishes, then a stop signal takes effect."""
+    original, batches = TokenLoader.next_batch, {"n": 0}
+
+    def next_batch(self):
+        batches["n"] += 1
+        if batches["n"] == at_batch:
+            os.kill(os.getpid(), signum)
+        return original(self)
+
+    return next_batch
