@@ -22,7 +22,7 @@ from src.export import export
 from src.generate import Conversation, SamplingConfig, decode_stream, generate_tokens
 from src.model import build_model
 from src.model_store import ModelLoadError, load
-from tests.conftest import tiny_model_cfg
+from tests.conftest import ROOT, tiny_model_cfg
 from tests.train_helpers import compose_train
 
 TEXT = "Größe: 犬 🦜 — plain ASCII too.\n"
@@ -193,3 +193,16 @@ def test_a_run_whose_config_names_another_tokenizer_is_refused_in_one_line(tmp_p
     with pytest.raises(ModelLoadError, match="cannot hold the gpt2 tokenizer's 50257 ids") as err:
         load(str(run))
     assert "\n" not in str(err.value)
+
+
+def test_the_chat_page_answers_with_a_byte_model(tmp_path, monkeypatch):
+    """The page builds its conversation with the model's tokenizer: GPT-2's EOT (50256) would index past a
+    256-row byte model."""
+    from streamlit.testing.v1 import AppTest
+
+    byte_run(tmp_path / "alibi-regular")
+    monkeypatch.setenv("PEGRID_MODELS_ROOT", str(tmp_path))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.chat_input[0].set_value("Hello").run()
+    assert not at.exception
+    assert len(at.chat_message) == 2  # the prompt and an answer
