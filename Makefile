@@ -19,14 +19,14 @@ eval:  ## evaluate a checkpoint, e.g. make eval ARGS="ckpt=outputs/<run>"
 	$(PYTHON) -m src.eval $(ARGS)
 
 bench:  ## CPU quick benchmark vs HF GPT-2 (outputs/bench/); the GPU grid: make bench ARGS="--out outputs/bench-gpu"
-	$(PYTHON) -m src.bench $(if $(ARGS),$(ARGS),--quick)
+	$(PYTHON) -m src.benchmark $(if $(ARGS),$(ARGS),--quick)
 
 BENCH_GPU_OUT ?= outputs/bench-gpu
 bench-gpu:  ## the GPU targets (docs/PERFORMANCE.md): 124M at T=1024 and T=8192, compiled, bf16, then the check
 	@# a failed row (e.g. an OOM) is in bench.json: go on to the check, whose exit status is make's
-	-$(PYTHON) -m src.bench --pes learned alibi kerple fire --attentions flash --context 1024 --batch 16 \
+	-$(PYTHON) -m src.benchmark --pes learned alibi kerple fire --attentions flash --context 1024 --batch 16 \
 		--compile on --profile --out $(BENCH_GPU_OUT)/t1024
-	-$(PYTHON) -m src.bench --pes learned --attentions flash linformer --context 8192 --batch 1 \
+	-$(PYTHON) -m src.benchmark --pes learned --attentions flash linformer --context 8192 --batch 1 \
 		--compile on --profile --out $(BENCH_GPU_OUT)/t8192
 	$(PYTHON) -m src.benchmark.targets $(BENCH_GPU_OUT)/t1024/bench.json $(BENCH_GPU_OUT)/t8192/bench.json \
 		--out $(BENCH_GPU_OUT)/targets.md

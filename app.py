@@ -14,8 +14,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from src.generate import Conversation, SamplingConfig, generate_text
-from src.model_store import (
+from src.chat.generate import Conversation, SamplingConfig, generate_text
+from src.chat.store import (
     HF_PREFIX,
     PROJECT_DIRS,
     LoadedModel,

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis import metrics
 from analysis.sources import SETUP_COLUMNS
 from analysis.style import ATTENTION_ORDER, PE_ORDER, ordered
 from analysis.tables import GROUP_KEYS, status_counts, used_runs
-from src.eval.config import extrapolation_context_key
+from src import metrics as run_metrics
+from src.metrics import extrapolation_context_key
 
 NOT_RECORDED = "not recorded"
 DIFFER_NOTE = "A range (a–b) or a list (a, b) means the runs differ in that value."
@@ -56,7 +56,7 @@ def _tokenizer(runs: pd.DataFrame) -> str:
 
 
 def _extrapolation(runs: pd.DataFrame) -> str:
-    multipliers = metrics.extrapolation_multipliers(runs.columns)
+    multipliers = run_metrics.extrapolation_multipliers(runs.columns)
     if not multipliers:
         return "not evaluated"
     contexts = [describe(runs[extrapolation_context_key(m)])
@@ -66,7 +66,7 @@ def _extrapolation(runs: pd.DataFrame) -> str:
 
 
 def _hellaswag(runs: pd.DataFrame) -> str:
-    measured = runs[metrics.HELLASWAG_ACC_NORM].notna() if metrics.HELLASWAG_ACC_NORM in runs else None
+    measured = runs[run_metrics.HELLASWAG_ACC_NORM].notna() if run_metrics.HELLASWAG_ACC_NORM in runs else None
     if measured is None or not measured.any():
         return "not evaluated"
     items = describe(runs.loc[measured, "hellaswag/n"]) if "hellaswag/n" in runs else NOT_RECORDED

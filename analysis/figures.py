@@ -40,7 +40,8 @@ from analysis.style import (
     pe_color,
 )
 from analysis.tables import LIMIT, cannot_run_text, combination_table, na_reason, table_metrics, with_deltas
-from src.eval.config import HELLASWAG_ACC_NORM, extrapolation_context_key, extrapolation_loss_key
+from src import metrics as run_metrics
+from src.metrics import HELLASWAG_ACC_NORM, extrapolation_context_key, extrapolation_loss_key
 
 FORMATS = ("png", "pdf")
 DPI = 150
@@ -75,9 +76,9 @@ def _combinations(runs: pd.DataFrame) -> pd.DataFrame:
     """Per PE x attention (sweeps pooled): mean / CI of each metric (context lengths and Δ vs 1x included)
     and the `unfinished` status."""
     runs = with_deltas(runs)
-    multipliers = metrics.extrapolation_multipliers(runs.columns)
+    multipliers = run_metrics.extrapolation_multipliers(runs.columns)
     extra = [extrapolation_context_key(m) for m in multipliers if extrapolation_context_key(m) in runs]
-    extra += [metrics.extrapolation_delta_key(m) for m in multipliers if metrics.extrapolation_delta_key(m) in runs]
+    extra += [key for m in multipliers if (key := run_metrics.extrapolation_delta_key(m)) in runs]
     return combination_table(runs.assign(sweep="all"), table_metrics(runs) + extra)
 
 
@@ -122,18 +123,18 @@ def _seed_mean(history: pd.DataFrame, run_ids: list[str], x: str, metric: str) -
     return curve.assign(ci=t * curve["std"] / np.sqrt(curve["n"]))
 
 
-def evaluation_counts(runs: pd.DataFrame, history: pd.DataFrame, metric: str = metrics.VAL_LOSS) -> pd.Series:
+def evaluation_counts(runs: pd.DataFrame, history: pd.DataFrame, metric: str = run_metrics.VAL_LOSS) -> pd.Series:
     """How many logged values of `metric` each run has (run_id -> count)."""
     logged = history.dropna(subset=[metric]) if metric in history else history.iloc[:0]
     return logged.groupby("run_id").size().reindex(runs["run_id"], fill_value=0)
 
 
-def loss_curves(runs: pd.DataFrame, history: pd.DataFrame, x: str = metrics.TOKENS,
-                metric: str = metrics.TRAIN_LOSS) -> Figure:
+def loss_curves(runs: pd.DataFrame, history: pd.DataFrame, x: str = run_metrics.TOKENS,
+                metric: str = run_metrics.TRAIN_LOSS) -> Figure:
     """`metric` (training or validation loss) against tokens or wall-clock time, one panel per attention
     mechanism, one curve per PE (finished seeds as one mean curve with its CI band)."""
     pes, attentions = _pes_and_attentions(runs)
-    sparse = metric != metrics.TRAIN_LOSS  # evaluations are few: points with error bars
+    sparse = metric != run_metrics.TRAIN_LOSS  # evaluations are few: points with error bars
     fig = Figure(figsize=(4.2 * len(attentions) + 2.5, 3.4), layout="constrained")
     axes = fig.subplots(1, len(attentions), squeeze=False, sharex=True, sharey=True)[0]
     statuses, banded = set(), False
@@ -155,11 +156,11 @@ def loss_curves(runs: pd.DataFrame, history: pd.DataFrame, x: str = metrics.TOKE
         if not ax.has_data():
             ax.text(0.5, 0.5, NA_TEXT, transform=ax.transAxes, ha="center", va="center", color="grey")
         ax.set_title(f"attention: {attention}")
-        ax.set_xlabel(metrics.label(x))
-        if x == metrics.TOKENS:  # 800k, not 800000: six-digit ticks run into each other
+        ax.set_xlabel(run_metrics.label(x))
+        if x == run_metrics.TOKENS:  # 800k, not 800000: six-digit ticks run into each other
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(metrics.label(metric))
+    axes[0].set_ylabel(run_metrics.label(metric))
     _legend(fig, pes, attentions, "line", statuses, ("bars" if sparse else "band") if banded else None)
     return fig
 
@@ -199,7 +200,7 @@ def validation_curves(runs: pd.DataFrame, history: pd.DataFrame) -> Drawn:
     if curved.empty:
         return Drawn(None, [f"Validation-loss curves omitted: every run was {reason}"])
     notes = [f"Validation-loss curves: {len(single)} of {len(runs)} runs left out, {reason}"] if len(single) else []
-    return Drawn(loss_curves(curved, history, metrics.TOKENS, metrics.VAL_LOSS), notes)
+    return Drawn(loss_curves(curved, history, run_metrics.TOKENS, run_metrics.VAL_LOSS), notes)
 
 
 # ------------------------------------------------------------------------------------- bar charts
@@ -222,11 +223,11 @@ def _bar_panel(ax, combos: pd.DataFrame, metric: str, scale: float = 1.0) -> Non
     ax.set_ylim(0, top * 1.15)
     ax.set_xticks(positions, [f"{c['pe']} / {c['attention']}" + (f" ({c['unfinished']})" if c["unfinished"] else "")
                               for c in combos.to_dict("records")], rotation=45, ha="right", fontsize="small")
-    ax.set_ylabel(metrics.label(metric))
+    ax.set_ylabel(run_metrics.label(metric))
     ax.grid(axis="y", alpha=0.3)
 
 
-EFFICIENCY_PANELS = [(metrics.TOKENS_PER_S, 1.0), (metrics.PEAK_MEM, 1.0), (metrics.MFU, 100.0)]
+EFFICIENCY_PANELS = [(run_metrics.TOKENS_PER_S, 1.0), (run_metrics.PEAK_MEM, 1.0), (run_metrics.MFU, 100.0)]
 
 
 def efficiency_bars(runs: pd.DataFrame) -> Drawn:
@@ -234,7 +235,7 @@ def efficiency_bars(runs: pd.DataFrame) -> Drawn:
     one panel each, stacked over shared x labels; a metric no run has (MFU on CPU) gets no panel."""
     combos = _combinations(runs)
     panels = [(m, scale) for m, scale in EFFICIENCY_PANELS if combos[f"{m} mean"].notna().any()]
-    notes = [f"{metrics.label(m)} panel left out: {na_reason(m, runs)}" for m, _ in EFFICIENCY_PANELS
+    notes = [f"{run_metrics.label(m)} panel left out: {na_reason(m, runs)}" for m, _ in EFFICIENCY_PANELS
              if m not in dict(panels)]
     if not panels:
         return Drawn(None, ["Throughput and memory figure omitted: no run logged throughput or memory"])
@@ -280,7 +281,7 @@ def hellaswag_heatmap(runs: pd.DataFrame, metric: str = HELLASWAG_ACC_NORM) -> F
     ax.set_yticks(range(len(pes)), pes)
     ax.set_xlabel("attention mechanism")
     ax.set_ylabel("positional encoding")
-    fig.colorbar(image, ax=ax, label=metrics.label(metric))
+    fig.colorbar(image, ax=ax, label=run_metrics.label(metric))
     return fig
 
 
@@ -301,7 +302,7 @@ def extrapolation_curves(runs: pd.DataFrame) -> Figure:
     that cannot run past some length (learned past 1x) ends in a large X marker with a note; lengths it
     cannot run are not drawn."""
     pes, attentions = _pes_and_attentions(runs)
-    multipliers = metrics.extrapolation_multipliers(runs.columns)
+    multipliers = run_metrics.extrapolation_multipliers(runs.columns)
     combos = _combinations(runs)
     length = _training_context(runs)
     # the Δ row needs the 1x loss to subtract
@@ -318,7 +319,7 @@ def extrapolation_curves(runs: pd.DataFrame) -> Figure:
         for row, delta in enumerate(views):
             ax = axes[row][col]
             for combo, shift in zip(panel, dodge):
-                key = metrics.extrapolation_delta_key if delta else extrapolation_loss_key
+                key = run_metrics.extrapolation_delta_key if delta else extrapolation_loss_key
                 points = [((m * length if length else m) * shift,
                            0.0 if delta and m == 1 else combo.get(f"{key(m)} mean", np.nan),
                            np.nan if delta and m == 1 else combo.get(f"{key(m)} ci95", np.nan)) for m in multipliers]
@@ -347,7 +348,7 @@ def extrapolation_curves(runs: pd.DataFrame) -> Figure:
             if row == 0:
                 ax.set_title(f"attention: {attention}")
             if col == 0:
-                ax.set_ylabel("Δ loss vs 1× (nats)" if delta else metrics.label(metrics.VAL_LOSS))
+                ax.set_ylabel("Δ loss vs 1× (nats)" if delta else run_metrics.label(run_metrics.VAL_LOSS))
             if delta:
                 ax.axhline(0.0, color="grey", linewidth=0.8)
     extra = [Line2D([], [], color="grey", linestyle="--", label="training context L")]
@@ -378,16 +379,16 @@ def _extrapolation_axes(ax, multipliers: list[int], length: float | None, top: b
 def all_figures(runs: pd.DataFrame, history: pd.DataFrame) -> dict[str, Drawn]:
     """Every figure of the report, by file stem: drawn, or None with the reason."""
     drawn = {
-        "loss_vs_tokens": Drawn(loss_curves(runs, history, metrics.TOKENS)),
+        "loss_vs_tokens": Drawn(loss_curves(runs, history, run_metrics.TOKENS)),
         "val_loss_vs_tokens": validation_curves(runs, history),
-        "loss_vs_time": Drawn(loss_curves(runs, history, metrics.ELAPSED)),
+        "loss_vs_time": Drawn(loss_curves(runs, history, run_metrics.ELAPSED)),
         "efficiency": efficiency_bars(runs),
     }
     if runs[HELLASWAG_ACC_NORM].notna().any():
         drawn["hellaswag_acc_norm"] = Drawn(hellaswag_heatmap(runs))
     else:
         drawn["hellaswag_acc_norm"] = Drawn(None, [f"HellaSwag figure omitted: {na_reason(HELLASWAG_ACC_NORM, runs)}"])
-    if metrics.extrapolation_multipliers(runs.columns):
+    if run_metrics.extrapolation_multipliers(runs.columns):
         drawn["extrapolation"] = Drawn(extrapolation_curves(runs))
     else:
         drawn["extrapolation"] = Drawn(None, ["Length-extrapolation figure omitted: no run was evaluated at "

@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from analysis.metrics import SUMMARY_METRICS
-from src.training.run_record import RunRecord
+from src.run_record import RunRecord
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"

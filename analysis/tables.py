@@ -24,7 +24,8 @@ from analysis import metrics
 from analysis.sources import STATUSES
 from analysis.stats import CI_TEXT, mean_ci
 from analysis.style import ATTENTION_ORDER, PE_ORDER, ordered
-from src.eval.config import extrapolation_context_key
+from src import metrics as run_metrics
+from src.metrics import extrapolation_context_key
 
 GROUP_KEYS = ["sweep", "pe", "attention"]
 RUN_TABLE_COLUMNS = ["label", "sweep", "pe", "attention", "seed", "status", "step"]
@@ -33,12 +34,12 @@ NA = "n/a"
 
 # Paper-table headers: (Markdown, LaTeX), short because the caption gives the units.
 HEADERS = {
-    metrics.VAL_LOSS: ("val loss", "val loss"),
-    metrics.HELLASWAG_ACC_NORM: ("HellaSwag acc_norm", "HellaSwag acc\\textsubscript{norm}"),
-    metrics.TOKENS_PER_S: ("tokens/s", "tokens/s"),
-    metrics.PEAK_MEM: ("peak memory (MiB)", "peak mem.\\ (MiB)"),
-    metrics.MFU: ("MFU", "MFU"),
-    metrics.ELAPSED: ("training time (s)", "train time (s)"),
+    run_metrics.VAL_LOSS: ("val loss", "val loss"),
+    run_metrics.HELLASWAG_ACC_NORM: ("HellaSwag acc_norm", "HellaSwag acc\\textsubscript{norm}"),
+    run_metrics.TOKENS_PER_S: ("tokens/s", "tokens/s"),
+    run_metrics.PEAK_MEM: ("peak memory (MiB)", "peak mem.\\ (MiB)"),
+    run_metrics.MFU: ("MFU", "MFU"),
+    run_metrics.ELAPSED: ("training time (s)", "train time (s)"),
 }
 IDENTITY_HEADERS = {"sweep": "sweep", "pe": "PE", "attention": "attention", "n": "n", "status": "status"}
 
@@ -46,18 +47,19 @@ IDENTITY_HEADERS = {"sweep": "sweep", "pe": "PE", "attention": "attention", "n":
 def table_metrics(runs: pd.DataFrame) -> list[str]:
     """The metrics the reference tables show: the fixed set (n/a where absent), extrapolation losses after
     val/loss."""
-    extrapolation = [metrics.extrapolation_loss_key(m) for m in metrics.extrapolation_multipliers(runs.columns)]
+    extrapolation = [run_metrics.extrapolation_loss_key(m) for m in run_metrics.extrapolation_multipliers(runs.columns)]
     return metrics.SUMMARY_METRICS[:1] + extrapolation + metrics.SUMMARY_METRICS[1:]
 
 
 def with_deltas(runs: pd.DataFrame) -> pd.DataFrame:
     """`runs` plus `extrapolation/delta_x{m}` = loss at m x − loss at 1x of the same run (paired: the mean Δ
     and its CI are over seeds of the difference, not a difference of means)."""
-    base = metrics.extrapolation_loss_key(1)
+    base = run_metrics.extrapolation_loss_key(1)
     if base not in runs:
         return runs
-    return runs.assign(**{metrics.extrapolation_delta_key(m): runs[metrics.extrapolation_loss_key(m)] - runs[base]
-                          for m in metrics.extrapolation_multipliers(runs.columns) if m != 1})
+    longer = [m for m in run_metrics.extrapolation_multipliers(runs.columns) if m != 1]
+    loss = run_metrics.extrapolation_loss_key
+    return runs.assign(**{run_metrics.extrapolation_delta_key(m): runs[loss(m)] - runs[base] for m in longer})
 
 
 def status_counts(statuses: pd.Series) -> str:
@@ -81,11 +83,11 @@ def used_runs(group: pd.DataFrame) -> pd.DataFrame:
 def extrapolation_limit(used: pd.DataFrame) -> float:
     """The largest multiplier the runs ran at, when a longer one was asked for and none of them could run it
     (its context is recorded, its loss null: learned past 1x); NaN otherwise."""
-    multipliers = metrics.extrapolation_multipliers(used.columns)
-    ran = [m for m in multipliers if used[metrics.extrapolation_loss_key(m)].notna().any()]
+    multipliers = run_metrics.extrapolation_multipliers(used.columns)
+    ran = [m for m in multipliers if used[run_metrics.extrapolation_loss_key(m)].notna().any()]
     refused = [m for m in multipliers if extrapolation_context_key(m) in used
                and used[extrapolation_context_key(m)].notna().any()
-               and used[metrics.extrapolation_loss_key(m)].isna().all()]
+               and used[run_metrics.extrapolation_loss_key(m)].isna().all()]
     return float(max(ran)) if ran and refused else float("nan")
 
 
@@ -135,7 +137,7 @@ class PaperTable:
 
 
 def _is_cannot_run(row: dict, metric: str) -> bool:
-    multiplier = metrics.extrapolation_multiplier(metric)
+    multiplier = run_metrics.extrapolation_multiplier(metric)
     return (multiplier is not None and np.isfinite(row[LIMIT]) and multiplier > row[LIMIT]
             and not np.isfinite(row[f"{metric} mean"]))
 
@@ -187,18 +189,18 @@ def _identity_text(row: dict, column: str) -> str:
 
 def na_reason(metric: str, runs: pd.DataFrame) -> str:
     """Why no run has `metric`, in a few words, from what the runs' configs and summaries say."""
-    if metric in (metrics.HELLASWAG_ACC_NORM, metrics.HELLASWAG_ACC):
+    if metric in (run_metrics.HELLASWAG_ACC_NORM, run_metrics.HELLASWAG_ACC):
         if (runs["data.tokenizer"] == "bytes").all():  # the deeper reason: it could not have been enabled
             return "not evaluated (it needs the GPT-2 BPE tokenizer; every run used data.tokenizer=bytes)"
         if (runs["eval.hellaswag.enabled"] == "false").all():
             return "not evaluated (eval.hellaswag.enabled=false in every run, as in the offline eval preset)"
         return "no run logged it"
-    if metric == metrics.MFU:
+    if metric == run_metrics.MFU:
         devices = runs["device"].dropna()  # a record cut short may not say
         if len(devices) and devices.str.startswith("cpu").all():
             return "null off-GPU (the runs trained on the CPU)"
         return "null for every run (no known peak FLOP/s for its device)"
-    if metrics.extrapolation_multiplier(metric) is not None:
+    if run_metrics.extrapolation_multiplier(metric) is not None:
         return "no run has an extrapolation loss at this length"
     return "no run logged it"
 
@@ -212,7 +214,7 @@ def paper_table(runs: pd.DataFrame, stem: str, title: str, caption: str, shown: 
         if any(np.isfinite(r[f"{metric} mean"]) or _is_cannot_run(r, metric) for r in rows):
             kept.append(metric)
         else:
-            dropped.append(f"{HEADERS.get(metric, (metrics.label(metric),))[0]}: {na_reason(metric, runs)}")
+            dropped.append(f"{HEADERS.get(metric, (run_metrics.label(metric),))[0]}: {na_reason(metric, runs)}")
     identity, constant = [], []
     for column in ["sweep", "pe", "attention"]:
         values = frame[column].dropna().unique()
@@ -232,31 +234,32 @@ def full_caption(table: PaperTable) -> str:
 
 
 def _header(metric: str, latex: bool) -> str:
-    if metrics.is_delta(metric):
-        m = metrics.extrapolation_multiplier(metric)
+    if run_metrics.is_delta(metric):
+        m = run_metrics.extrapolation_multiplier(metric)
         return f"$\\Delta$ {m}$\\times$" if latex else f"Δ {m}×"
-    return HEADERS.get(metric, (metrics.label(metric),) * 2)[1 if latex else 0]
+    return HEADERS.get(metric, (run_metrics.label(metric),) * 2)[1 if latex else 0]
 
 
 def loss_table(runs: pd.DataFrame) -> PaperTable:
     """Table 1: validation loss, Δ loss at each longer context vs 1x, HellaSwag acc_norm."""
     runs = with_deltas(runs)
-    deltas = [metrics.extrapolation_delta_key(m) for m in metrics.extrapolation_multipliers(runs.columns) if m != 1]
+    multipliers = run_metrics.extrapolation_multipliers(runs.columns)
+    deltas = [run_metrics.extrapolation_delta_key(m) for m in multipliers if m != 1]
     caption = (f"Validation loss (nats) at the training context L, and Δ m× = loss at m·L − loss at L of the "
                f"same run (nats; lower = better extrapolation). Mean ± {CI_TEXT} over n seeds; best per column "
                "in bold.")
     table = paper_table(runs, "table_loss", "Validation loss and length extrapolation", caption,
-                        [metrics.VAL_LOSS, *deltas, metrics.HELLASWAG_ACC_NORM])
-    if metrics.HELLASWAG_ACC_NORM in table.columns:
+                        [run_metrics.VAL_LOSS, *deltas, run_metrics.HELLASWAG_ACC_NORM])
+    if run_metrics.HELLASWAG_ACC_NORM in table.columns:
         table.caption += " HellaSwag acc_norm: fraction of items correct (higher is better)."
     return table
 
 
 EFFICIENCY_CAPTIONS = {
-    metrics.TOKENS_PER_S: "median throughput (tokens/s)",
-    metrics.PEAK_MEM: "peak memory (MiB; GPU: max allocated, CPU: peak RSS)",
-    metrics.MFU: "MFU (% of the GPU's dense bf16 peak)",
-    metrics.ELAPSED: "wall-clock training time (s)",
+    run_metrics.TOKENS_PER_S: "median throughput (tokens/s)",
+    run_metrics.PEAK_MEM: "peak memory (MiB; GPU: max allocated, CPU: peak RSS)",
+    run_metrics.MFU: "MFU (% of the GPU's dense bf16 peak)",
+    run_metrics.ELAPSED: "wall-clock training time (s)",
 }
 
 
@@ -352,7 +355,7 @@ def _text(value) -> str:
 
 def combination_markdown(table: pd.DataFrame, runs: pd.DataFrame) -> str:
     shown = table_metrics(runs)
-    header = ["sweep", "PE", "attention", "runs", "seeds", "status", *(metrics.label(m) for m in shown)]
+    header = ["sweep", "PE", "attention", "runs", "seeds", "status", *(run_metrics.label(m) for m in shown)]
     rows = [[_text(r["sweep"]), _text(r["pe"]), _text(r["attention"]), r["runs"], _text(r["seeds"]), r["status"],
              *(metrics.format_mean_ci(m, r[f"{m} mean"], r[f"{m} ci95"]) for m in shown)]
             for r in table.to_dict("records")]
@@ -362,7 +365,7 @@ def combination_markdown(table: pd.DataFrame, runs: pd.DataFrame) -> str:
 def runs_markdown(runs: pd.DataFrame) -> str:
     """One row per run; a metric no run logged is left out (the CSV has every column)."""
     shown = [m for m in table_metrics(runs) if m in runs and runs[m].notna().any()]
-    header = [*RUN_TABLE_COLUMNS, *(metrics.label(m) for m in shown)]
+    header = [*RUN_TABLE_COLUMNS, *(run_metrics.label(m) for m in shown)]
     rows = [[*(_text(r[c]) for c in RUN_TABLE_COLUMNS), *(metrics.format_number(m, r[m]) for m in shown)]
             for r in runs.to_dict("records")]
     return markdown_table(header, rows)

@@ -26,13 +26,14 @@ from src.data.config import DataConfig, resolve_cache_dir
 from src.data.prepare import dataset_dir
 from src.data.sources import DataUnavailableError, check_source, open_source
 from src.data.tokenizer import check_vocab_fits
+from src.device import resolve_device
 from src.errors import ConfigError, exit_bad_input
 from src.eval.hellaswag import HellaSwagUnavailableError, ensure_hellaswag
 from src.eval.suite import check_tokenizer, eval_config
 from src.model import ATTENTION_REGISTRY, PE_REGISTRY, ModelConfig, model_config
 from src.structured import to_dataclass
 from src.training.config import LoggerConfig, TrainerConfig
-from src.training.distributed import context_from_env, resolve_device
+from src.training.distributed import context_from_env
 
 # What the train entrypoint reports as bad input (one line, exit 2) rather than as a bug.
 BAD_INPUT = (ConfigError, DataUnavailableError, HellaSwagUnavailableError)

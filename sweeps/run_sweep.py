@@ -259,7 +259,7 @@ def groups_to_launch(params: dict[str, list[str]], todo: list[Combo]) -> list[di
 
 
 def run_summary(combo: Combo) -> dict:
-    from src.training.run_record import RunRecord  # imported late, like the schemas above
+    from src.run_record import RunRecord  # imported late, like the schemas above
 
     return RunRecord(combo.run_dir).read_summary()
 
@@ -417,7 +417,7 @@ def sweep(args: argparse.Namespace) -> int:
     if args.dry_run or not commands:
         return 0
 
-    from src.training.run_record import RunRecord
+    from src.run_record import RunRecord
 
     for combo in stale:
         print(f"  moved the stale record of {combo.run_dir.name} to {RunRecord(combo.run_dir).move_aside()}",

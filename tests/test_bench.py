@@ -1,4 +1,4 @@
-"""The benchmark harness (src/bench.py, src/benchmark/): outputs and bookkeeping, never timings."""
+"""The benchmark harness (src/benchmark/grid.py, src/benchmark/): outputs and bookkeeping, never timings."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ATTENTIONS, PES
 
-from src import bench
+from src.benchmark import grid as bench
 from src.benchmark.memory import step_peak_mib
 from src.benchmark.peer import PEER_NAME, PeerGPT2
 from src.model import build_model, model_config

@@ -21,14 +21,14 @@ import torch
 import yaml
 
 from src.atomic import atomic_write_json
-from src.chat import main as chat_main
+from src.chat.export import export
+from src.chat.export import main as export_main
+from src.chat.generate import Conversation, SamplingConfig, context_window, decode_stream, generate_tokens, sample
+from src.chat.store import ModelStore, discover_models, load
+from src.chat.terminal import main as chat_main
 from src.checkpoint import load_model, save_checkpoint
 from src.data.tokenizer import EOT_TOKEN, get_tokenizer
-from src.export import export
-from src.export import main as export_main
-from src.generate import Conversation, SamplingConfig, context_window, decode_stream, generate_tokens, sample
 from src.model import build_model
-from src.model_store import ModelStore, discover_models, load
 from src.training.trainer import train
 from tests.conftest import ATTENTIONS, PES, ROOT, tiny_model_cfg
 from tests.train_helpers import compose_train, tiny_overrides

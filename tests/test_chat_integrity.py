@@ -10,11 +10,11 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from src import chat
-from src.export import export
-from src.generate import SamplingConfig
+from src.chat import terminal as chat
+from src.chat.export import export
+from src.chat.generate import SamplingConfig
+from src.chat.store import LoadedModel, ModelLoadError, load, local_path
 from src.model import build_model
-from src.model_store import LoadedModel, ModelLoadError, load, local_path
 from tests.conftest import ROOT
 from tests.test_chat import fake_run, real_vocab_cfg
 
@@ -146,7 +146,7 @@ def test_app_shows_model_text_verbatim(app_test, tmp_path, monkeypatch):
     with backslash escapes (what markdown-escaping showed). The browser test looks at the rendering."""
     model_text = "Indented:\n\n    for x in range(3):\n        print(x * 2)  # a_b *c* $5 <b>not bold</b>\n"
     prompt = "a prompt_with *markdown*:\n    indented"  # (chat_input strips the ends)
-    monkeypatch.setattr("src.generate.generate_text",
+    monkeypatch.setattr("src.chat.generate.generate_text",
                         lambda model, conversation, text, sampling: iter([model_text[:9], model_text[9:]]))
     fake_run(tmp_path / "rope-flash", CFG)
     monkeypatch.setenv("PEGRID_MODELS_ROOT", str(tmp_path))

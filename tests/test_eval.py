@@ -19,24 +19,26 @@ from omegaconf import OmegaConf
 from src.checkpoint import save_checkpoint
 from src.data import get_tokenizer
 from src.eval import (
-    HELLASWAG_ACC,
-    HELLASWAG_ACC_NORM,
-    HELLASWAG_N,
-    VAL_LOSS,
     EvalConfig,
     HellaSwagUnavailableError,
     eval_config,
     evaluate_extrapolation,
     evaluate_hellaswag,
     evaluate_loss,
-    extrapolation_context_key,
-    extrapolation_loss_key,
     run_evaluation,
     val_tokens,
 )
 from src.eval.__main__ import RunConfigError, run_data_config
 from src.eval.config import ExtrapolationConfig, HellaSwagConfig
 from src.eval.hellaswag import load_examples, predict, score_items
+from src.metrics import (
+    HELLASWAG_ACC,
+    HELLASWAG_ACC_NORM,
+    HELLASWAG_N,
+    VAL_LOSS,
+    extrapolation_context_key,
+    extrapolation_loss_key,
+)
 from src.model import build_model
 from tests.conftest import PES, tiny_model_cfg
 

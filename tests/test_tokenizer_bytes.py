@@ -12,16 +12,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.chat import main as chat_main
+from src.chat.export import export
+from src.chat.generate import Conversation, SamplingConfig, decode_stream, generate_tokens
+from src.chat.store import ModelLoadError, load
+from src.chat.terminal import main as chat_main
 from src.checkpoint import save_checkpoint
 from src.data import DataConfig, prepare
 from src.data.prepare import dataset_dir
 from src.data.tokenizer import check_vocab_fits, get_tokenizer, padded_vocab_size
 from src.eval.suite import check_tokenizer, run_evaluation
-from src.export import export
-from src.generate import Conversation, SamplingConfig, decode_stream, generate_tokens
 from src.model import build_model
-from src.model_store import ModelLoadError, load
 from tests.conftest import ROOT, tiny_model_cfg
 from tests.train_helpers import compose_train
 

@@ -1,4 +1,4 @@
-"""Training-throughput benchmark of every PE x attention against a Hugging Face GPT-2 peer (CLI: src/bench.py).
+"""Training-throughput benchmark of every PE x attention against a Hugging Face GPT-2 peer (CLI: src/benchmark/grid.py).
 
 - `peer.py`: the peer, `GPT2LMHeadModel` with SDPA attention, behind our model's (idx, targets) interface;
 - `step.py`: one timed training step (forward, backward, AdamW) of either model;

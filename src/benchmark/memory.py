@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from src.model_store import release_freed_memory
+from src.device import release_freed_memory
 
 MIB = 2**20
 

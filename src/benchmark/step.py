@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from src.benchmark.memory import resident_state_mib, step_peak_mib
+from src.device import autocast_for
 from src.training.config import TrainerConfig
 from src.training.optim import build_optimizer
-from src.training.trainer import autocast_for
 
 
 def sync(device: torch.device) -> None:

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     missing = [str(path) for path in args.bench_json if not path.is_file()]
     if missing:
-        print(f"error: no such file: {', '.join(missing)} (run python -m src.bench --out DIR first)", file=sys.stderr)
+        print(f"error: no such file: {', '.join(missing)} "
+              "(run python -m src.benchmark --out DIR first)", file=sys.stderr)
         return 2
     lines = check([json.loads(path.read_text()) for path in args.bench_json])
     table = markdown(lines)

@@ -3,28 +3,16 @@
     run_evaluation(model, cfg.eval, shard_dir, device, autocast) -> {"val/loss": ..., ...}
     python -m src.eval ckpt=<run dir or checkpoint dir> [eval=quick] [device=cpu]
 
-The metric names (a contract with the loggers and the analysis) are the constants of src/eval/config.py.
+The metric names it reports (a contract with the loggers and the analysis) are those of src/metrics.py.
 """
 
-from src.eval.config import (
-    HELLASWAG_ACC,
-    HELLASWAG_ACC_NORM,
-    HELLASWAG_N,
-    VAL_LOSS,
-    EvalConfig,
-    extrapolation_context_key,
-    extrapolation_loss_key,
-)
+from src.eval.config import EvalConfig
 from src.eval.extrapolation import evaluate_extrapolation
 from src.eval.hellaswag import HellaSwagUnavailableError, ensure_hellaswag, evaluate_hellaswag
 from src.eval.suite import eval_config, run_evaluation
 from src.eval.val_loss import evaluate_loss, val_tokens
 
 __all__ = [
-    "HELLASWAG_ACC",
-    "HELLASWAG_ACC_NORM",
-    "HELLASWAG_N",
-    "VAL_LOSS",
     "EvalConfig",
     "HellaSwagUnavailableError",
     "ensure_hellaswag",
@@ -32,8 +20,6 @@ __all__ = [
     "evaluate_extrapolation",
     "evaluate_hellaswag",
     "evaluate_loss",
-    "extrapolation_context_key",
-    "extrapolation_loss_key",
     "run_evaluation",
     "val_tokens",
 ]

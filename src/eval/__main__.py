@@ -17,12 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from src.atomic import atomic_write_json
 from src.checkpoint import CheckpointError, load_model
 from src.data import DataUnavailableError, ensure_prepared
+from src.device import autocast_for, resolve_device
 from src.errors import ConfigError, exit_bad_input
 from src.eval.hellaswag import HellaSwagUnavailableError, ensure_hellaswag
 from src.eval.suite import eval_config, run_evaluation
-from src.training.distributed import resolve_device
-from src.training.run_record import RunRecord
-from src.training.trainer import autocast_for
+from src.run_record import RunRecord
 
 
 class RunConfigError(RuntimeError):

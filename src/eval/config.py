@@ -1,11 +1,9 @@
-"""The evaluation suite's contract: its config schema (Hydra group `eval`) and the metric names it reports.
+"""The evaluation suite's config schema (Hydra group `eval`).
 
 Registered with Hydra's ConfigStore as `eval/eval_schema`; every conf/eval/*.yaml lists it first in its
 defaults, so a misspelt key (`eval.val.num_tokns=1000`) fails at compose time, naming the key.
 Importing this module (any `import src.eval`) is what registers it: do that before composing.
-
-The metric names are read by the trainer's loggers (metrics.jsonl, W&B, summary.json) and by the
-analysis; change them here or nowhere.
+The metric names it reports are those of src/metrics.py.
 """
 
 from dataclasses import dataclass, field
@@ -16,27 +14,11 @@ from src.errors import ConfigError
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
-VAL_LOSS = "val/loss"
-HELLASWAG_ACC = "hellaswag/acc"
-HELLASWAG_ACC_NORM = "hellaswag/acc_norm"
-HELLASWAG_N = "hellaswag/n"
-
-
 def _require_positive(section: str, cfg, *keys: str) -> None:
     for key in keys:
         value = getattr(cfg, key)
         if value is not None and not value > 0:
             raise ConfigError(f"eval.{section}.{key} must be positive, got {value}")
-
-
-def extrapolation_loss_key(multiplier: int) -> str:
-    """`extrapolation/loss_x{m}`: val loss at context m x block_size (None: the PE cannot run it)."""
-    return f"extrapolation/loss_x{multiplier}"
-
-
-def extrapolation_context_key(multiplier: int) -> str:
-    """`extrapolation/context_x{m}`: the context length m x block_size that loss_x{m} was measured at."""
-    return f"extrapolation/context_x{multiplier}"
 
 
 @dataclass

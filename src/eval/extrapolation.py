@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.eval.config import ExtrapolationConfig, extrapolation_context_key, extrapolation_loss_key
+from src.eval.config import ExtrapolationConfig
 from src.eval.val_loss import count_windows, evaluate_loss
+from src.metrics import extrapolation_context_key, extrapolation_loss_key
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,9 @@ from torch import nn
 from tqdm import tqdm
 
 from src.data import get_tokenizer
-from src.eval.config import HELLASWAG_ACC, HELLASWAG_ACC_NORM, HELLASWAG_N, HellaSwagConfig
+from src.eval.config import HellaSwagConfig
 from src.eval.val_loss import evaluating, rank_and_world_size, sum_across_ranks
+from src.metrics import HELLASWAG_ACC, HELLASWAG_ACC_NORM, HELLASWAG_N
 
 FILE_NAME = "hellaswag_val.jsonl"
 DEFAULT_CACHE_DIR = HellaSwagConfig.cache_dir

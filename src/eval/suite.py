@@ -17,10 +17,11 @@ from torch import nn
 from src.data.prepare import load_meta
 from src.data.tokenizer import DEFAULT_TOKENIZER
 from src.errors import ConfigError
-from src.eval.config import VAL_LOSS, EvalConfig
+from src.eval.config import EvalConfig
 from src.eval.extrapolation import evaluate_extrapolation
 from src.eval.hellaswag import evaluate_hellaswag
 from src.eval.val_loss import evaluate_loss, val_tokens
+from src.metrics import VAL_LOSS
 from src.structured import to_dataclass
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from src.errors import ConfigError
+from src.device import resolve_device
 
 
 @dataclass
@@ -33,34 +32,6 @@ def context_from_env() -> DistContext:
     if world_size == 1:
         return DistContext()
     return DistContext(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
-
-
-def resolve_device(requested: str, local_rank: int, key: str = "trainer.device") -> torch.device:
-    """The device for `requested` (auto | cpu | cuda | cuda:N | mps); ConfigError, naming the config `key`, if
-    this machine has no such device."""
-    if requested != "auto":
-        return _available_device(requested, key)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _available_device(requested: str, key: str) -> torch.device:
-    fix = f"use {key}=cpu, or {key}=auto (the best device there is)"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested):
-        raise ConfigError(f"{key}={requested} is not a device: use auto, cpu, cuda, cuda:N or mps")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}={requested} but CUDA is not available on this machine (torch {torch.__version__}): "
-                          f"{fix}")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"{key}={requested} but this machine has {torch.cuda.device_count()} CUDA device(s): "
-                          f"use {key}=cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or {key}=auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{key}=mps but MPS (Apple GPU) is not available on this machine: {fix}")
-    return device
 
 
 def export_submitit_env() -> bool:

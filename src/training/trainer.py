@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import math
 import random
-import resource
 import signal
 import statistics
 import time
@@ -25,12 +24,14 @@ from tqdm.auto import tqdm
 
 from src.checkpoint import NonFiniteCheckpoint, latest_valid_checkpoint, list_checkpoints, save_checkpoint
 from src.data import TokenLoader, ensure_prepared
-from src.eval.config import VAL_LOSS
+from src.device import autocast_for, peak_memory_mb
 from src.eval.hellaswag import ensure_hellaswag
 from src.eval.suite import eval_config, run_evaluation
+from src.metrics import VAL_LOSS
 from src.model import build_model, model_config
 from src.preflight import check_inputs
 from src.provenance import provenance
+from src.run_record import RunRecord
 from src.structured import to_dataclass
 from src.training.config import LoggerConfig, TrainerConfig
 from src.training.distributed import DistContext, all_reduce_mean, init_distributed, shutdown_distributed
@@ -39,7 +40,6 @@ from src.training.flops import flops_per_token, peak_flops
 from src.training.loggers import NoLogger, build_logger
 from src.training.optim import build_optimizer, lr_at
 from src.training.run_lock import RunLock
-from src.training.run_record import RunRecord
 from src.training.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
@@ -74,19 +74,6 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
-
-
-def autocast_for(device: torch.device, dtype: str):
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def run_name_and_tags(cfg: DictConfig) -> tuple[str, list[str]]:

@@ -1,4 +1,4 @@
-"""Export a trained run as a Hugging Face Hub-ready folder: `python -m src.export RUN_DIR OUT_DIR`.
+"""Export a trained run as a Hugging Face Hub-ready folder: `python -m src.chat.export RUN_DIR OUT_DIR`.
 
 The folder holds what inference needs and nothing else (no optimizer state):
 - `model.safetensors`, `model_config.json`: the newest checkpoint's weights and config (`load_model` reads
@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from src.atomic import atomic_write_json
+from src.chat.store import LoadedModel, read_summary, read_tokenizer
 from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, find_checkpoint_dir, load_model
 from src.data.tokenizer import DEFAULT_TOKENIZER, describe_tokenizer
-from src.model_store import LoadedModel, read_summary, read_tokenizer
 
 _METRIC_NAMES = {
     "val/loss": "validation loss (nats/token)",
@@ -130,7 +130,7 @@ def export(run_dir: str | Path, out_dir: str | Path, license: str = "mit") -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m src.chat.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run dir (its newest checkpoint is exported)")
     parser.add_argument("out_dir", help="the folder to write (created; files in it are overwritten)")
     parser.add_argument("--license", default="mit", help="license id for the model card (default: mit)")

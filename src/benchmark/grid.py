@@ -1,7 +1,7 @@
 """Training throughput and memory of every PE x attention, side by side with Hugging Face's GPT-2.
 
-    python -m src.bench --quick                      # CPU: tiny model, all 21 combinations, ~minutes
-    python -m src.bench --pes learned alibi --attentions flash --context 1024 --compile on
+    python -m src.benchmark --quick                      # CPU: tiny model, all 21 combinations, ~minutes
+    python -m src.benchmark --pes learned alibi --attentions flash --context 1024 --compile on
 
 For every cell (context length x batch size x compile mode) the peer, `GPT2LMHeadModel` with SDPA
 attention at the same sizes, batch and dtype, stays resident, and each of our combinations is timed in
@@ -48,7 +48,7 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m src.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU-sized defaults (see PRESETS)")
     p.add_argument("--pes", nargs="+", choices=PES, default=PES)
     p.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=ATTENTIONS)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     meta = dict(
-        command="python -m src.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        command="python -m src.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         device_type=device.type,
         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, vocab_size=args.vocab_size,
@@ -213,6 +213,3 @@ def main(argv: list[str] | None = None) -> int:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 1 if any(r["error"] for r in results) else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from src.generate import Conversation, SamplingConfig, generate_text
-from src.model_store import HF_PREFIX, LoadedModel, ModelLoadError, load
+from src.chat.generate import Conversation, SamplingConfig, generate_text
+from src.chat.store import HF_PREFIX, LoadedModel, ModelLoadError, load
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,6 +128,3 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

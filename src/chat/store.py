@@ -1,7 +1,7 @@
 """Find, load and keep trained models for chatting, within a memory budget.
 
 A model is named by a *spec* string:
-- a local path: a run dir (its newest checkpoint), a checkpoint dir, or a folder made by `python -m src.export`;
+- a local path: a run dir (its newest checkpoint), a checkpoint dir, or a folder made by `python -m src.chat.export`;
 - `ORG/REPO` or `ORG/REPO/NAME`: an export folder on the Hugging Face Hub (NAME: a subfolder of the repo),
   downloaded into the Hub cache (~/.cache/huggingface) by `huggingface_hub.snapshot_download`;
 - `hf:ID` (e.g. `hf:gpt2`): a `transformers` GPT-2 from the Hub (or a local `save_pretrained` folder),
@@ -15,8 +15,6 @@ not pile up models as the user browses the grid): loading another first frees th
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import re
 import threading
 import time
@@ -29,9 +27,10 @@ import yaml
 
 from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, load_model
 from src.data.tokenizer import DEFAULT_TOKENIZER, check_vocab_fits
+from src.device import release_freed_memory
 from src.model import from_hf_gpt2
 from src.model.gpt import GPT
-from src.training.run_record import RunRecord
+from src.run_record import RunRecord
 
 HF_PREFIX = "hf:"
 # One name of a Hub id, by huggingface_hub's validate_repo_id rules: [\w.-], no leading/trailing . or -, no -- or ..
@@ -44,19 +43,6 @@ NO_MODEL_HINT = ("expected a run dir (with checkpoints/step_*/), a checkpoint di
                  f"({WEIGHTS} + {MODEL_CONFIG}) there")
 # summary.json keys worth showing next to a model (see README "Run record")
 _METRIC_PREFIXES = ("val/", "train/loss", "extrapolation/loss_", "hellaswag/acc")
-
-
-def release_freed_memory() -> None:
-    """Collect garbage, then have glibc return freed heap pages to the OS.
-
-    Without the trim, glibc keeps the ~2 models' worth of memory a load peaks at (the model plus the
-    state dict read from disk) and RSS settles at ~2.5 models with one resident (measured, docs/CHAT.md).
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps its own policy
-        pass
 
 
 class ModelLoadError(RuntimeError):

@@ -1,0 +1,3 @@
+from src.benchmark.grid import main
+
+raise SystemExit(main())

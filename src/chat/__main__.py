@@ -1,0 +1,3 @@
+from src.chat.terminal import main
+
+raise SystemExit(main())
