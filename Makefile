@@ -3,7 +3,11 @@ PYTHON ?= python
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: install train test test-fast lint prepare eval bench bench-gpu
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-fast lint prepare eval bench bench-gpu
+
+help:  ## list the targets (a bare `make` installs nothing)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install:  ## CPU torch first (a plain `torch` pulls GBs of CUDA), then the project with its dev + chat extras
 	$(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
@@ -34,11 +38,11 @@ bench-gpu:  ## the GPU targets (docs/PERFORMANCE.md): 124M at T=1024 and T=8192,
 test:  ## the whole suite, slow tests included (what CI runs)
 	$(PYTHON) -m pytest -q --durations=10
 
-test-fast:
+test-fast:  ## the suite without the tests marked slow
 	$(PYTHON) -m pytest -q -m "not slow"
 
-lint:
-	$(PYTHON) -m ruff check src tests
+lint:  ## ruff over every Python file of the project
+	$(PYTHON) -m ruff check src tests analysis sweeps scripts app.py
 
 # ---------------------------------------------------------------------------------------------- sweeps
 # make sweep [SWEEP=grid] [PARTITION=gpu] [ACCOUNT=proj] [GPUS_PER_NODE=8, 0: CPU jobs] [NODES=1] [TIME_MIN=1440]
@@ -61,7 +65,7 @@ SWEEP_LAUNCHER_OVERRIDES = \
 
 .PHONY: sweep sweep-local
 
-sweep:  ## submit sweeps/$(SWEEP).yaml to SLURM (skips finished runs, reports progress), e.g. make sweep PARTITION=gpu
+sweep:  ## submit sweeps/SWEEP.yaml (default grid) to SLURM (skips finished runs, reports progress), e.g. make sweep PARTITION=gpu
 	$(PYTHON) -m sweeps.run_sweep $(SWEEP) $(SWEEP_LAUNCHER_OVERRIDES) $(ARGS)
 
 sweep-local:  ## the tiny 2x2 grid (SWEEP=tiny) as local processes, no SLURM needed (hydra/launcher=local)
@@ -75,7 +79,7 @@ STUDY_JOBS ?= 2
 STUDY_RUNS ?= outputs
 .PHONY: study
 
-study:  ## the 21-run CPU study into $(STUDY_RUNS)/study_cpu/ (SEEDS=3: seeds 0-2), then $(STUDY_RUNS)/study_cpu/report/
+study:  ## the CPU study of sweeps/study_cpu.yaml (every PE x attention) into outputs/study_cpu/, then its report (SEEDS=3: seeds 0-2)
 	@case "$(SEEDS)" in ''|*[!0-9]*|0) echo "make study: SEEDS must be a positive integer, got '$(SEEDS)'" >&2; exit 2;; esac
 	OMP_NUM_THREADS=1 $(PYTHON) -m sweeps.run_sweep study_cpu --launcher local --jobs $(STUDY_JOBS) \
 		runs_dir=$(STUDY_RUNS) trainer.seed=$$(seq -s, 0 $$(($(SEEDS) - 1))) $(ARGS)

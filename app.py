@@ -24,6 +24,7 @@ from src.chat.store import (
     discover_models,
     local_path,
 )
+from src.metrics import HELLASWAG_ACC_NORM, TRAIN_LOSS, VAL_LOSS, label
 
 
 @st.cache_resource
@@ -93,9 +94,9 @@ def show_model(loaded: LoadedModel) -> None:
                else f"trained on {info['block_size']}, extrapolates")
     st.caption(f"PE **{info['pe']}** · attention **{info['attention']}** · {info['num_params']:,} parameters · "
                f"context {context} · loaded in {loaded.load_seconds:.1f} s")
-    shown = {k: v for k, v in metrics.items() if k in ("val/loss", "train/loss", "hellaswag/acc_norm")}
+    shown = {k: metrics[k] for k in (VAL_LOSS, TRAIN_LOSS, HELLASWAG_ACC_NORM) if k in metrics}
     for column, (key, value) in zip(st.columns(max(len(shown), 1)), shown.items()):
-        column.metric(key, f"{value:.3f}")
+        column.metric(label(key), f"{value:.3f}")
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Compare the runs of a pegrid sweep: tables, figures and report.md from local run records and/or W&B.
 
-    python analysis/compare.py [--runs DIR ...] [--wandb ENTITY/PROJECT [--group SWEEP]] [--out DIR]
+    python -m analysis.compare [--runs DIR ...] [--wandb ENTITY/PROJECT [--group SWEEP]] [--out DIR]
                                [--cache DIR] [--refresh]
-    python -m analysis.compare ...      (the same; `make report ARGS="--runs outputs"`)
+
+Run it from the repository root, as `make report ARGS="--runs outputs"` does.
 
 With neither --runs nor --wandb it reads the run records under ./outputs. W&B histories are cached as
 Parquet under --cache, so a second run is offline; --refresh downloads them again.
@@ -14,11 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable, as `-m` would
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.report import write_report  # noqa: E402
-from analysis.sources import WandbUnavailable, combine, load_local, load_wandb  # noqa: E402
+from analysis.report import write_report
+from analysis.sources import WandbUnavailable, combine, load_local, load_wandb
 
 DEFAULT_RUNS = "outputs"
 DEFAULT_OUT = "outputs/report"  # under outputs/: git-ignored, and holds no run record to pick up
@@ -26,7 +24,7 @@ DEFAULT_CACHE = ".cache/pegrid-wandb"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", metavar="DIR",
                         help=f"directories searched recursively for run records (default: {DEFAULT_RUNS} "

@@ -2,12 +2,18 @@
 every figure (the report's, the benchmark's bench.png, and every paper figure made from them) draws a given
 combination the same way and lists it in the same place.
 
-The names come from the model registries: a PE or attention registered later is ordered after the known
-ones (alphabetically) and gets a spare colour / style by that position, so it too is drawn the same way
-every time. A name no registry knows (an old W&B run) still gets a style, never a KeyError.
+The names come from the model registries: a PE or attention that has no entry here (a new file in
+src/model/pe/ or src/model/attention/, style.py untouched) is ordered after the known ones (alphabetically)
+and gets, by that position, a spare colour / line style / hatch / marker, then generated ones once the spares
+run out, so any number of newcomers are told apart and each is drawn the same way every time. A name no
+registry knows (an old W&B run) still gets a fixed style, never a KeyError.
 """
 
 from __future__ import annotations
+
+import colorsys
+
+import matplotlib.colors
 
 from src.model import ATTENTION_REGISTRY, PE_REGISTRY
 
@@ -27,11 +33,14 @@ PE_COLORS = {
     "fire": "#56B4E9",
     "nope": "#000000",
 }
-SPARE_COLORS = ["#882255", "#44AA99", "#117733", "#332288", "#F0E442", "#AA4499"]
+SPARE_COLORS = ["#882255", "#44AA99", "#117733", "#332288", "#F0E442", "#AA4499"]  # Tol: then generated
 ATTENTION_LINESTYLES = {"regular": "-", "flash": "--", "linformer": ":"}
 ATTENTION_HATCHES = {"regular": "", "flash": "//", "linformer": ".."}
 ATTENTION_MARKERS = {"regular": "o", "flash": "s", "linformer": "^"}
-SPARE_LINESTYLES, SPARE_HATCHES, SPARE_MARKERS = ["-.", (0, (5, 1, 1, 1, 1, 1))], ["xx", "\\\\"], ["D", "v"]
+SPARE_LINESTYLES = ["-.", (0, (5, 1, 1, 1, 1, 1))]  # then generated dash patterns
+SPARE_HATCHES = ["xx", "\\\\", "++", "oo", "||", "--", "**", "OO"]  # then denser and denser "x"
+# Then regular polygons / stars; none of STATUS_MARKERS ("X", ">", "|", "?"), which mark unfinished curves.
+SPARE_MARKERS = ["D", "v", "P", "*", "h", "p", "<", "d", "8", "H"]
 
 # An outside reference model (the benchmark's Hugging Face GPT-2): grey and thick, unlike any PE.
 BASELINE_STYLE = {"color": "#777777", "linestyle": "-", "linewidth": 3.0, "alpha": 0.6}
@@ -53,27 +62,36 @@ def order_key(pe: str, attention: str) -> tuple:
     return rank(pe, PE_ORDER), rank(attention, ATTENTION_ORDER)
 
 
-def _spare(name: str, order: list[str], known: list[str], spares: list):
-    """A registered newcomer: by its place after the known names; an unregistered name: by its letters."""
-    index = order.index(name) - len(known) if name in order else sum(map(ord, name))
-    return spares[index % len(spares)]
+def _generated_color(i: int) -> str:
+    """Colours past SPARE_COLORS: hues a golden angle apart, mid saturation and value (never grey or black)."""
+    return matplotlib.colors.to_hex(colorsys.hsv_to_rgb((0.07 + 0.618034 * i) % 1.0, 0.75, 0.7))
+
+
+def _style(name: str, table: dict, order: list[str], known: list[str], spares: list, generate):
+    """`table[name]`; else, for a registered newcomer, the spare at its place after the known names (generated
+    past the spares: n newcomers, n different styles); else (a name no registry knows) a spare by its letters."""
+    if name in table:
+        return table[name]
+    if name in order:
+        i = order.index(name) - len(known)
+        return spares[i] if i < len(spares) else generate(i - len(spares))
+    return spares[sum(map(ord, name)) % len(spares)]
 
 
 def pe_color(pe: str) -> str:
-    return PE_COLORS.get(pe) or _spare(pe, PE_ORDER, KNOWN_PE_ORDER, SPARE_COLORS)
+    return _style(pe, PE_COLORS, PE_ORDER, KNOWN_PE_ORDER, SPARE_COLORS, _generated_color)
 
 
 def attention_linestyle(attention: str):
-    return ATTENTION_LINESTYLES.get(attention) or _spare(attention, ATTENTION_ORDER, KNOWN_ATTENTION_ORDER,
-                                                         SPARE_LINESTYLES)
+    return _style(attention, ATTENTION_LINESTYLES, ATTENTION_ORDER, KNOWN_ATTENTION_ORDER, SPARE_LINESTYLES,
+                  lambda i: (0, (2 + i, 2, 1, 2)))  # a dash 2 + i long, a gap, a dot, a gap
 
 
 def attention_hatch(attention: str) -> str:
-    if attention in ATTENTION_HATCHES:
-        return ATTENTION_HATCHES[attention]
-    return _spare(attention, ATTENTION_ORDER, KNOWN_ATTENTION_ORDER, SPARE_HATCHES)
+    return _style(attention, ATTENTION_HATCHES, ATTENTION_ORDER, KNOWN_ATTENTION_ORDER, SPARE_HATCHES,
+                  lambda i: "x" * (3 + i))  # denser and denser crosses
 
 
-def attention_marker(attention: str) -> str:
-    return ATTENTION_MARKERS.get(attention) or _spare(attention, ATTENTION_ORDER, KNOWN_ATTENTION_ORDER,
-                                                      SPARE_MARKERS)
+def attention_marker(attention: str):
+    return _style(attention, ATTENTION_MARKERS, ATTENTION_ORDER, KNOWN_ATTENTION_ORDER, SPARE_MARKERS,
+                  lambda i: (5 + i, 1, 0))  # a star with 5 + i points

@@ -78,10 +78,21 @@ LABELS = {
 }
 
 
-def label(metric: str) -> str:
-    """The metric's name for a reader, with its unit."""
+def label(metric: str, context: int | None = None) -> str:
+    """The metric's name for a reader, with its unit. `context`: for an extrapolation loss, the context length
+    (tokens) it was measured at (`extrapolation_context_key`), shown as well when given."""
     if (m := _LOSS_PATTERN.match(metric)) is not None:
-        return f"loss at {m.group(1)}× context (nats)"
+        return f"loss at {m.group(1)}× context" + (f" = {context:,} tokens" if context else "") + " (nats)"
     if (m := _DELTA_PATTERN.match(metric)) is not None:
         return f"Δ loss at {m.group(1)}× vs 1× (nats)"
     return LABELS.get(metric, metric)
+
+
+# The final figures a trained model is presented with (model card, terminal chat, Streamlit page), besides the
+# extrapolation losses: validation loss first, the figure the grid is compared on.
+MODEL_SCORES = (VAL_LOSS, TRAIN_LOSS, HELLASWAG_ACC_NORM, HELLASWAG_ACC)
+
+
+def is_model_score(metric: str) -> bool:
+    """Whether a summary.json key is one of the final figures a trained model is shown with."""
+    return metric in MODEL_SCORES or is_extrapolation_loss(metric)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from src.data.config import DataConfig, resolve_cache_dir
 from src.data.prepare import dataset_dir
-from src.data.sources import DataUnavailableError, check_source, open_source
+from src.data.sources import DataUnavailableError, check_source, local_document_count
 from src.data.tokenizer import check_vocab_fits
 from src.device import resolve_device
 from src.errors import ConfigError, exit_bad_input
@@ -111,8 +111,8 @@ def check_data(dcfg: DataConfig) -> None:
     check_writable_dir(resolve_cache_dir(dcfg), "data.cache_dir")
     # Only local sources are counted: an hf dataset is counted by downloading it, and a val_tokens split by
     # tokenising; prepare() checks those splits when it gets there.
-    if dcfg.val_tokens is None and dcfg.name in ("embedded", "text_file"):
-        dcfg.num_val_docs(open_source(dcfg).count)
+    if dcfg.val_tokens is None and (count := local_document_count(dcfg)) is not None:
+        dcfg.num_val_docs(count)
 
 
 class PreflightCallback(Callback):

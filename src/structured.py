@@ -1,10 +1,12 @@
-"""Validate a config node against its dataclass schema: the one place that turns Hydra nodes into objects."""
+"""Config dataclasses as Hydra schemas: where they are stored (`store_schema`) and the one place that turns
+Hydra nodes into validated objects (`to_dataclass`)."""
 
 from __future__ import annotations
 
 from dataclasses import is_dataclass
 from typing import Any, TypeVar
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 T = TypeVar("T")
@@ -23,3 +25,25 @@ def to_dataclass(schema: type[T], node: Any) -> T:
     elif is_dataclass(node):
         node = OmegaConf.structured(node)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+
+
+def schema_name(group: str, option: str | None = None) -> str:
+    """The name `store_schema` stores the schema of config group `group` (of its `option`, if the options have
+    schemas of their own) under: `model/pe` + `fire` -> `model_pe_fire_schema`, `trainer` -> `trainer_schema`."""
+    return "_".join([*group.split("/"), *([option] if option else []), "schema"])
+
+
+def store_schema(group: str, node: Any, option: str | None = None) -> str:
+    """Store the dataclass (or instance) `node` in Hydra's ConfigStore as the schema of `group` (or of its
+    `option`) and return its name, `schema_name(group, option)`.
+
+    The schema is stored at the root of the config tree, not in `group`: a config in a group is one of the
+    group's options, listed by `--help` and by shell completion (`model/pe=<TAB>`), and a schema is not a choice.
+    Each YAML option of the group starts from it, e.g. conf/model/pe/fire.yaml:
+        defaults: [/model_pe_fire_schema@_here_, _self_]
+    so its values merge onto the dataclass, with its defaults, and a misspelt key or a wrong type fails at
+    compose time, naming the key. Import the module that calls this before composing (src/schemas.py).
+    """
+    name = schema_name(group, option)
+    ConfigStore.instance().store(name=name, node=node)
+    return name

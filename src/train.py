@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 import src.schemas  # noqa: F401  (the config schemas and resolvers conf/ relies on)
 from src.errors import exit_bad_input
+from src.metrics import VAL_LOSS
 from src.preflight import BAD_INPUT
 from src.training.distributed import export_submitit_env
 from src.training.run_lock import LOCK_FILE, RunDirLocked, RunLock
@@ -44,11 +45,11 @@ def main(cfg: DictConfig) -> float | None:
             raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    log.info("run record: %s  (status %s, val/loss %s)", run_dir, summary.get("status"), summary.get("val/loss"))
+    log.info("run record: %s  (status %s, %s %s)", run_dir, summary.get("status"), VAL_LOSS, summary.get(VAL_LOSS))
     if summary.get("status") == "interrupted":  # checkpointed on a stop signal: exit as that signal would
         log.warning("%s", summary["error"])
         raise SystemExit(128 + signal.Signals[summary["stopped_by"]])
-    return summary.get("val/loss")  # Hydra sweepers optimise the returned value
+    return summary.get(VAL_LOSS)  # Hydra sweepers optimise the returned value
 
 
 def remove_unused_run_dir(run_dir: Path, hydra_log: str) -> None:

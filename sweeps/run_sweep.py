@@ -13,7 +13,8 @@ no GPU requested). ``--launcher local`` runs the jobs as local processes (hydra/
 SLURM jobs, all at once; with ``--jobs N`` at most N at a time (each combination its own process).
 
 Each combination's run dir is ``${runs_dir}/${sweep_name}/${run_name}`` (``hydra.sweep.subdir=${run_name}``),
-so ``run_name`` must be deterministic and unique per combination. A combination whose summary.json says
+so ``run_name`` must be deterministic and unique per combination: every sweep gets DEFAULT_RUN_NAME, which a
+sweep file's ``overrides`` or the command line may replace. A combination whose summary.json says
 ``finished`` with the config fingerprint of its composed config is skipped; a finished one with another (or
 no) fingerprint is *stale*: the sweep lists it and submits nothing, unless ``--rerun-stale`` moves its record
 to ``<sweep dir>/.superseded/`` and trains it again. The rest are launched with ``python -m src.train -m
@@ -22,6 +23,9 @@ that, for SLURM: a controller must answer and, if the jobs ask for GPUs, the clu
 the jobs run, a progress line (pending / running / interrupted / finished / failed, SLURM's job states, the
 running runs' steps and ETAs) is printed every --interval seconds. Exit status 1 names every run that did not
 finish; 2 is a refusal before anything was submitted (one line on stderr).
+
+The phases, in `sweep`: plan (`plan_sweep`, `show_plan`, `multirun_commands`: every refusal happens here),
+launch (`launch`, the `Multiruns` queue), monitor (`monitor`, `progress_lines`) and report (`report`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS_DIR = ROOT / "sweeps"
+# the one place the sweeps' run_name is set (conf/train.yaml's default has a timestamp: not resumable)
 DEFAULT_RUN_NAME = "run_name=${model.pe.name}-${model.attention.name}-s${trainer.seed}"
 STATUSES = ("pending", "running", "interrupted", "finished", "failed")  # summary.json status (pending: none yet)
 START_SLURM = ("start a local one with `sudo scripts/slurm_cluster.sh start` (docs/SLURM_LOCAL.md), or run the "
@@ -66,6 +71,7 @@ class Combo:
         return " ".join(f"{k}={v}" for k, v in self.values)
 
 
+# ------------------------------------------------------------------------------ the sweep file and its overrides
 def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -108,7 +114,9 @@ def load_sweep(sweep: str) -> dict:
 
 
 def is_sweep_value(value: str) -> bool:
-    """Hydra's sweep syntax `a,b,c` (a comma outside brackets/quotes), not a list like `[1,2]`."""
+    """Hydra's sweep syntax `a,b,c` (a comma outside brackets/quotes; not a list like `[1,2]`) or `glob(...)`."""
+    if value.strip().startswith("glob("):
+        return True
     depth, quote = 0, None
     for ch in value:
         if quote:
@@ -124,34 +132,46 @@ def is_sweep_value(value: str) -> bool:
     return False
 
 
-def split_values(values: str) -> list[str]:
+def sweep_values(key: str, values: str) -> list[str]:
+    """The values of `key=a,b,c`; for a config group, Hydra's `glob(*)` / `glob(*,exclude=nope)` is every
+    conf/<group>/*.yaml it matches, so a new PE or attention file joins such a sweep with no edit here."""
+    if values.strip().startswith("glob("):
+        group_dir = ROOT / "conf" / key
+        if not group_dir.is_dir():
+            raise SweepError(f"{key}={values}: glob() selects options of a config group, and conf/{key}/ is none")
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        return OverridesParser.create().parse_override(f"{key}={values}").value().filter(
+            sorted(p.stem for p in group_dir.glob("*.yaml")))
     return [v.strip() for v in values.split(",") if v.strip()]
 
 
-def one_line(err: BaseException) -> str:
-    """Hydra's messages span lines (options, search path) and keep the reason in __cause__: first lines only."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    cause = err.__cause__ and one_line(err.__cause__)
-    return f"{text}: {cause}" if cause else text
-
-
 def sweep_overrides(spec: dict, cli_overrides: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """Swept params and the fixed overrides of every job, from the sweep file and the command line."""
-    params = {k: split_values(v) for k, v in spec["params"].items()}
+    """Swept params and the fixed overrides of every job: DEFAULT_RUN_NAME, then the sweep file, then the
+    command line (a later override of the same key replaces an earlier one)."""
+    params = {k: sweep_values(k, v) for k, v in spec["params"].items()}
     fixed: list[str] = []
     for override in cli_overrides:
         key = override_key(override)
         value = override.split("=", 1)[1] if "=" in override else ""
         if key in params or (not is_hydra_override(override) and is_sweep_value(value)):
-            params[key] = split_values(value)  # replaces the file's values, or sweeps one more key
+            params[key] = sweep_values(key, value)  # replaces the file's values, or sweeps one more key
         else:
             fixed.append(override)
-    base = [f"sweep_name={spec['sweep_name']}", DEFAULT_RUN_NAME]
+    base = [f"sweep_name={spec['sweep_name']}"]
     if spec.get("experiment"):
         base.append(f"experiment={spec['experiment']}")
-    fixed = merge_overrides(base, spec["overrides"], fixed)
+    fixed = merge_overrides([*base, DEFAULT_RUN_NAME], spec["overrides"], fixed)
     # experiment=null means no preset, conf/train.yaml's default, but Hydra rejects null for a config group
     return params, [o for o in fixed if not (override_key(o) == "experiment" and o.split("=", 1)[-1] == "null")]
+
+
+# ------------------------------------------------------------------------------ plan: compose, check, sort
+def one_line(err: BaseException) -> str:
+    """Hydra's messages span lines (options, search path) and keep the reason in __cause__: first lines only."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    cause = err.__cause__ and one_line(err.__cause__)
+    return f"{text}: {cause}" if cause else text
 
 
 def compose_combos(params: dict[str, list[str]], fixed: list[str]) -> tuple[list[str], list[Combo]]:
@@ -245,19 +265,6 @@ def check_gpus(settings: dict) -> None:
             f"GPUS_PER_NODE=0 (make) or hydra.launcher.gpus_per_node=0, or choose a GPU partition: PARTITION=...")
 
 
-def groups_to_launch(params: dict[str, list[str]], todo: list[Combo]) -> list[dict[str, list[str]]]:
-    """Cover the combinations still to run with as few cartesian multiruns as this simple scheme gives:
-    the whole grid if nothing is done, else one multirun per value of the other keys, sweeping the first."""
-    keys = list(params)
-    if len(todo) == len(list(itertools.product(*params.values()))):
-        return [params] if todo else []
-    by_rest: dict[tuple[str, ...], list[str]] = {}
-    for combo in todo:
-        values = dict(combo.values)
-        by_rest.setdefault(tuple(values[k] for k in keys[1:]), []).append(values[keys[0]])
-    return [{keys[0]: firsts, **dict(zip(keys[1:], rest))} for rest, firsts in by_rest.items()]
-
-
 def run_summary(combo: Combo) -> dict:
     from src.run_record import RunRecord  # imported late, like the schemas above
 
@@ -308,6 +315,133 @@ def stale_reason(combo: Combo, limit: int = 3) -> str | None:
     return f"{why}: {shown}" + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+@dataclass
+class Plan:
+    """Every combination of a sweep, sorted by what its run record says."""
+    path: Path  # the sweep file
+    launcher: str  # conf/hydra/launcher/<launcher>.yaml
+    params: dict[str, list[str]]  # the swept keys and their values
+    fixed: list[str]  # the overrides of every job (runs_dir absolute)
+    combos: list[Combo]
+    finished: list[Combo]  # stale ones included
+    stale: dict[Combo, str]  # finished under another config -> how it differs
+    todo: list[Combo]  # what the launch trains: not finished, or stale with --rerun-stale
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.combos[0].run_dir.parent if self.combos else Path(".")
+
+    @property
+    def name(self) -> str:
+        return self.sweep_dir.name  # the effective sweep_name (the command line may override the file's)
+
+    @property
+    def job_name(self) -> str | None:
+        return f"pegrid-{self.name}" if self.launcher == "slurm" else None  # what submitit names the jobs
+
+
+def plan_sweep(args: argparse.Namespace) -> Plan:
+    """Compose every combination of the sweep and sort them (finished, stale, to run). Without --dry-run a
+    SLURM sweep first needs a controller (checked before anything is composed) and, for GPU jobs, GPUs."""
+    spec = load_sweep(args.sweep)
+    launcher = args.launcher or spec["launcher"]
+    if launcher == "slurm" and not args.dry_run:
+        check_slurm_controller()
+    params, fixed = sweep_overrides(spec, args.overrides)
+    if launcher == "slurm":
+        fixed, settings = slurm_launcher(fixed)
+        if not args.dry_run:
+            check_gpus(settings)
+    fixed, combos = compose_combos(params, fixed)
+    finished = [c for c in combos if run_status(c) == "finished"]
+    stale = {c: reason for c in finished if (reason := stale_reason(c))}
+    todo = [c for c in combos if c not in finished or (c in stale and args.rerun_stale)]
+    return Plan(spec["path"], launcher, params, fixed, combos, finished, stale, todo)
+
+
+def show_plan(plan: Plan, rerun_stale: bool) -> None:
+    """The counts and the stale runs; stale runs are a refusal unless --rerun-stale."""
+    print(f"sweep {plan.name} ({plan.path}): {len(plan.combos)} combinations in {plan.sweep_dir}, "
+          f"{len(plan.finished) - len(plan.stale)} already finished, {len(plan.stale)} stale, "
+          f"{len(plan.todo)} to run", flush=True)
+    for combo, reason in plan.stale.items():
+        print(f"  stale {combo.run_dir.name} ({combo.label}): {reason}", flush=True)
+    if plan.stale and not rerun_stale:
+        raise SweepError(
+            f"{len(plan.stale)} finished run(s) of sweep {plan.name} do not match the current config (listed "
+            f"above); nothing submitted. Rerun them with --rerun-stale (make sweep ARGS=--rerun-stale), which moves "
+            f"their records to {plan.sweep_dir / '.superseded'}/, or restore the old settings")
+
+
+def groups_to_launch(params: dict[str, list[str]], todo: list[Combo]) -> list[dict[str, list[str]]]:
+    """Cover the combinations still to run with as few cartesian multiruns as this simple scheme gives:
+    the whole grid if nothing is done, else one multirun per value of the other keys, sweeping the first."""
+    keys = list(params)
+    if len(todo) == len(list(itertools.product(*params.values()))):
+        return [params] if todo else []
+    by_rest: dict[tuple[str, ...], list[str]] = {}
+    for combo in todo:
+        values = dict(combo.values)
+        by_rest.setdefault(tuple(values[k] for k in keys[1:]), []).append(values[keys[0]])
+    return [{keys[0]: firsts, **dict(zip(keys[1:], rest))} for rest, firsts in by_rest.items()]
+
+
+def multirun_commands(plan: Plan, jobs: int | None) -> list[list[str]]:
+    """The `python -m src.train -m ...` commands that train plan.todo. With --jobs (local only): a queue of
+    one-combination multiruns, each run inside its process (Hydra's basic launcher)."""
+    launches, launcher = groups_to_launch(plan.params, plan.todo), plan.launcher
+    if jobs is not None:
+        if launcher != "local" or jobs < 1:
+            raise SweepError(f"--jobs {jobs}: give a positive number of local processes, with --launcher local")
+        launches, launcher = [{key: [value] for key, value in combo.values} for combo in plan.todo], "basic"
+    return [[sys.executable, "-m", "src.train", "-m", f"hydra/launcher={launcher}", "hydra.sweep.subdir=${run_name}",
+             *plan.fixed, *(f"{k}={','.join(v)}" for k, v in group.items())] for group in launches]
+
+
+# ------------------------------------------------------------------------------ launch
+class Multiruns:
+    """The multirun processes, started in order while fewer than `limit` run; each logs to its own file."""
+
+    def __init__(self, commands: list[list[str]], log_dir: Path, limit: int):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.queued = [(command, log_dir / f"{stamp}-launch{i}.log") for i, command in enumerate(commands)]
+        self.started: list[tuple[subprocess.Popen, Path]] = []
+        self.limit = limit
+
+    def running(self) -> int:
+        return sum(proc.poll() is None for proc, _ in self.started)
+
+    def start_queued(self) -> None:
+        while self.queued and self.running() < self.limit:
+            command, log_path = self.queued.pop(0)
+            with log_path.open("w") as log:
+                proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.started.append((proc, log_path))
+
+    def done(self) -> bool:
+        return not self.queued and self.running() == 0
+
+    def failed(self) -> list[tuple[subprocess.Popen, Path]]:
+        return [(proc, log_path) for proc, log_path in self.started if proc.returncode]
+
+
+def launch(plan: Plan, commands: list[list[str]], jobs: int | None) -> Multiruns:
+    """Move the stale records aside (--rerun-stale), then start the multiruns (at most --jobs at once)."""
+    from src.run_record import RunRecord
+
+    for combo in plan.stale:
+        print(f"  moved the stale record of {combo.run_dir.name} to {RunRecord(combo.run_dir).move_aside()}",
+              flush=True)
+    log_dir = plan.sweep_dir / ".sweep_logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    multiruns = Multiruns(commands, log_dir, jobs or len(commands))
+    multiruns.start_queued()
+    print(f"launched {len(multiruns.started)} of {len(commands)} multirun(s), Hydra/submitit output in {log_dir}",
+          flush=True)
+    return multiruns
+
+
+# ------------------------------------------------------------------------------ monitor
 def slurm_states(job_name: str) -> Counter:
     """Job states by count; -r lists every array task (without it a pending array is one line)."""
     if not shutil.which("squeue"):
@@ -347,6 +481,19 @@ def progress_lines(combos: list[Combo], job_name: str | None, started: float) ->
                      for combo, s in summaries if s.get("status") == "running"]
 
 
+def monitor(plan: Plan, multiruns: Multiruns, interval: float) -> None:
+    """Until every multirun ended: start queued ones as others end, print progress every `interval` seconds."""
+    started = next_print = time.monotonic()
+    while not multiruns.done():
+        time.sleep(min(1.0, interval))
+        multiruns.start_queued()
+        if time.monotonic() >= next_print:
+            print("\n".join(progress_lines(plan.todo, plan.job_name, started)), flush=True)
+            next_print = time.monotonic() + interval
+    print("\n".join(progress_lines(plan.todo, plan.job_name, started)), flush=True)
+
+
+# ------------------------------------------------------------------------------ report
 def not_finished_reason(summary: dict) -> str:
     if not summary:
         return "no run record (failed before training; see the launch log)"
@@ -355,7 +502,23 @@ def not_finished_reason(summary: dict) -> str:
     return f"status {summary.get('status')} at step {summary.get('step')} (the job ended without a word: see its log)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def report(plan: Plan, multiruns: Multiruns) -> int:
+    """0 if every run finished; else 1, naming each run that did not, with the tail of each failed multirun's log."""
+    failed = [c for c in plan.todo if run_status(c) != "finished"]
+    if not failed:
+        print(f"sweep {plan.name}: all {len(plan.combos)} runs finished", flush=True)
+        return 0
+    print(f"sweep {plan.name}: {len(failed)} of {len(plan.combos)} runs did not finish:", flush=True)
+    for combo in failed:
+        print(f"  FAILED {combo.label}: {combo.run_dir}: {not_finished_reason(run_summary(combo))}", flush=True)
+    for proc, log_path in multiruns.failed():
+        tail = log_path.read_text().splitlines()[-15:]
+        print(f"--- {log_path} (exit {proc.returncode}), last lines:\n" + "\n".join(tail), flush=True)
+    return 1
+
+
+# ------------------------------------------------------------------------------ the command
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="name of a file in sweeps/ (grid, tiny, ...) or a path to one")
@@ -368,7 +531,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --launcher local: at most N runs at once, one process each (default: all at once)")
     parser.add_argument("--rerun-stale", action="store_true",
                         help="move the records of finished runs whose config changed to .superseded/ and rerun them")
-    args = parser.parse_intermixed_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return sweep(args)
     except SweepError as err:
@@ -377,91 +544,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    spec = load_sweep(args.sweep)
-    launcher = args.launcher or spec["launcher"]
-    if launcher == "slurm" and not args.dry_run:
-        check_slurm_controller()
-    params, fixed = sweep_overrides(spec, args.overrides)
-    if launcher == "slurm":
-        fixed, settings = slurm_launcher(fixed)
-        if not args.dry_run:
-            check_gpus(settings)
-    fixed, combos = compose_combos(params, fixed)
-    sweep_dir = combos[0].run_dir.parent if combos else Path(".")
-    name = sweep_dir.name  # the effective sweep_name (the command line may override the file's)
-    finished = [c for c in combos if run_status(c) == "finished"]
-    stale = {c: reason for c in finished if (reason := stale_reason(c))}
-    todo = [c for c in combos if c not in finished or (c in stale and args.rerun_stale)]
-    print(f"sweep {name} ({spec['path']}): {len(combos)} combinations in {sweep_dir}, "
-          f"{len(finished) - len(stale)} already finished, {len(stale)} stale, {len(todo)} to run", flush=True)
-    for combo, reason in stale.items():
-        print(f"  stale {combo.run_dir.name} ({combo.label}): {reason}", flush=True)
-    if stale and not args.rerun_stale:
-        raise SweepError(
-            f"{len(stale)} finished run(s) of sweep {name} do not match the current config (listed above); "
-            f"nothing submitted. Rerun them with --rerun-stale (make sweep ARGS=--rerun-stale), which moves their "
-            f"records to {sweep_dir / '.superseded'}/, or restore the old settings")
-    launches = groups_to_launch(params, todo)
-    if args.jobs is not None:  # a queue of one-combination multiruns, each run inside its process (Hydra's basic)
-        if launcher != "local" or args.jobs < 1:
-            raise SweepError(f"--jobs {args.jobs}: give a positive number of local processes, with --launcher local")
-        launches, launcher = [{key: [value] for key, value in combo.values} for combo in todo], "basic"
-    job_name = f"pegrid-{name}" if launcher == "slurm" else None
-    commands = [
-        [sys.executable, "-m", "src.train", "-m", f"hydra/launcher={launcher}", "hydra.sweep.subdir=${run_name}",
-         *fixed, *(f"{k}={','.join(v)}" for k, v in group.items())]
-        for group in launches
-    ]
+    """Plan (every refusal, a SweepError, comes before anything is launched), launch, monitor, report."""
+    plan = plan_sweep(args)
+    show_plan(plan, args.rerun_stale)
+    commands = multirun_commands(plan, args.jobs)
     for command in commands:
         print("  $ " + shlex.join(["python", *command[1:]]), flush=True)
     if args.dry_run or not commands:
         return 0
-
-    from src.run_record import RunRecord
-
-    for combo in stale:
-        print(f"  moved the stale record of {combo.run_dir.name} to {RunRecord(combo.run_dir).move_aside()}",
-              flush=True)
-    log_dir = sweep_dir / ".sweep_logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    procs, queued = [], list(enumerate(commands))
-
-    def launch_queued() -> None:  # start queued multiruns while fewer than --jobs (default: all) run
-        while queued and sum(p.poll() is None for p, _ in procs) < (args.jobs or len(commands)):
-            i, command = queued.pop(0)
-            log_path = log_dir / f"{stamp}-launch{i}.log"
-            with log_path.open("w") as log:
-                procs.append((subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log_path))
-
-    launch_queued()
-    print(f"launched {len(procs)} of {len(commands)} multirun(s), Hydra/submitit output in {log_dir}", flush=True)
-
-    started = time.monotonic()
-    next_print = started
-    while queued or any(p.poll() is None for p, _ in procs):
-        time.sleep(min(1.0, args.interval))
-        launch_queued()
-        if time.monotonic() >= next_print:
-            print("\n".join(progress_lines(todo, job_name, started)), flush=True)
-            next_print = time.monotonic() + args.interval
-    print("\n".join(progress_lines(todo, job_name, started)), flush=True)
-
-    failed = [c for c in todo if run_status(c) != "finished"]
-    if not failed:
-        print(f"sweep {name}: all {len(combos)} runs finished", flush=True)
-        return 0
-    print(f"sweep {name}: {len(failed)} of {len(combos)} runs did not finish:", flush=True)
-    for combo in failed:
-        print(f"  FAILED {combo.label}: {combo.run_dir}: {not_finished_reason(run_summary(combo))}", flush=True)
-    for proc, log_path in procs:
-        if proc.returncode:
-            tail = log_path.read_text().splitlines()[-15:]
-            print(f"--- {log_path} (exit {proc.returncode}), last lines:\n" + "\n".join(tail), flush=True)
-    return 1
+    multiruns = launch(plan, commands, args.jobs)
+    monitor(plan, multiruns, args.interval)
+    return report(plan, multiruns)
 
 
 if __name__ == "__main__":
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     sys.exit(main())

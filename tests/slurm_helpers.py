@@ -2,7 +2,9 @@
 
 Use the session fixture from a conftest (or a test module) with::
 
-    from slurm_helpers import slurm_cluster  # noqa: F401  (tests/ is on sys.path under pytest)
+    from tests.slurm_helpers import slurm_cluster  # noqa: F401  (a fixture: pytest finds it in the module)
+
+(package-qualified, like ``from tests.conftest import ...``: pytest is run from the repository root).
 
 ``slurm_cluster`` starts the cluster if it is not running and stops it again at the end of the session only
 if it started it (a cluster that was already up is left as it was found). It does not skip: the SLURM tests

@@ -246,7 +246,8 @@ def test_hidden_directories_are_not_run_records(runs_root, tmp_path):
 def test_style_orders_pes_and_attentions_from_the_registries():
     from src.model import ATTENTION_REGISTRY, PE_REGISTRY
 
-    assert style.PE_ORDER[:7] == ["learned", "sinusoidal", "rope", "alibi", "kerple", "fire", "nope"]
+    papers_order = ["learned", "sinusoidal", "rope", "alibi", "kerple", "fire", "nope"]
+    assert style.PE_ORDER[:len(papers_order)] == papers_order
     assert set(style.PE_ORDER) == set(PE_REGISTRY.names()) and set(style.ATTENTION_ORDER) == set(
         ATTENTION_REGISTRY.names())
     assert style.ordered(["zeta", "nope", "rope", "learned"], style.PE_ORDER) == ["learned", "rope", "nope", "zeta"]
@@ -258,6 +259,29 @@ def test_style_orders_pes_and_attentions_from_the_registries():
     pairs = [("rope", "flash"), ("learned", "sdpa"), ("learned", "regular")]
     assert sorted(pairs, key=lambda c: style.order_key(*c)) == [("learned", "regular"), ("learned", "sdpa"),
                                                                  ("rope", "flash")]
+
+
+def test_the_known_styles_stay_and_newcomers_get_distinct_ones(monkeypatch):
+    """The papers' PEs and attentions look as they always have; PEs / attentions registered without a style.py entry
+    (more of them than there are spares) each get their own colour / line style / hatch / marker."""
+    assert [style.pe_color(pe) for pe in ["learned", "sinusoidal", "rope", "alibi", "kerple", "fire", "nope"]] == [
+        "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000"]
+    known = ["regular", "flash", "linformer"]
+    assert [style.attention_linestyle(a) for a in known] == ["-", "--", ":"]
+    assert [style.attention_hatch(a) for a in known] == ["", "//", ".."]
+    assert [style.attention_marker(a) for a in known] == ["o", "s", "^"]
+
+    monkeypatch.setattr(style, "PE_ORDER", style.PE_ORDER + [f"new_pe_{i}" for i in range(12)])
+    monkeypatch.setattr(style, "ATTENTION_ORDER", style.ATTENTION_ORDER + [f"new_attention_{i}" for i in range(12)])
+    colours = [matplotlib.colors.to_hex(style.pe_color(pe)) for pe in style.PE_ORDER]
+    assert len(set(colours)) == len(colours) and matplotlib.colors.to_hex(style.BASELINE_STYLE["color"]) not in colours
+    for attribute in (style.attention_linestyle, style.attention_hatch, style.attention_marker):
+        drawn = [str(attribute(a)) for a in style.ATTENTION_ORDER]
+        assert len(set(drawn)) == len(drawn), attribute.__name__
+    for attention in style.ATTENTION_ORDER:  # matplotlib accepts every one of them
+        Line2D([], [], linestyle=style.attention_linestyle(attention), marker=style.attention_marker(attention))
+    assert not set(map(str, (style.attention_marker(a) for a in style.ATTENTION_ORDER))) & set(
+        style.STATUS_MARKERS.values())
 
 
 def test_bench_plot_uses_the_report_colours_and_order():
@@ -463,7 +487,7 @@ def test_saved_png_is_a_drawn_picture_of_the_figure_size(local, tmp_path):
 
 def test_cli_writes_the_report_end_to_end(runs_root, tmp_path):
     out = tmp_path / "report"
-    result = subprocess.run([sys.executable, "analysis/compare.py", "--runs", str(runs_root), "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "analysis.compare", "--runs", str(runs_root), "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 runs" in result.stdout

@@ -5,15 +5,15 @@ import json
 import matplotlib.image
 import pytest
 import torch
-from conftest import ATTENTIONS, PES
 
 from src.benchmark import grid as bench
 from src.benchmark.memory import step_peak_mib
 from src.benchmark.peer import PEER_NAME, PeerGPT2
-from src.model import build_model, model_config
+from src.model import ATTENTION_REGISTRY, PE_REGISTRY, build_model, model_config
+from tests.conftest import ATTENTIONS, PES
 
-TINY = ["--quick", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab-size", "97",
-        "--linformer-chunk", "8", "--linformer-k", "2", "--batch", "2", "--repeats", "2", "--steps", "1"]
+TINY = ["--quick", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab-size", "97", "--batch", "2",
+        "--repeats", "2", "--steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +35,42 @@ def test_quick_mode_writes_a_row_per_combination_and_the_peer(quick_run):
     assert sorted(r["context"] for r in peers) == [16, 32]
     for r in rows:
         assert r["error"] is None
-        assert r["tokens_per_s"] > 0 and len(r["tokens_per_s_rounds"]) == (2 * 21 if r in peers else 2)
+        # the peer ran a round next to each of the 2 rounds of every combination of its cell
+        assert r["tokens_per_s"] > 0 and len(r["tokens_per_s_rounds"]) == 2 * (len(PES) * len(ATTENTIONS)
+                                                                                if r in peers else 1)
         assert r["mfu"] is None  # CPU: no peak FLOP/s to divide by
         assert r["step_mem_mib"] is not None and r["state_mem_mib"] > 0
         assert (r["vs_peer"] is None) == (r in peers)
     assert result["meta"]["threads"] == 1 and len(result["meta"]["load_avg_after"]) == 3
 
 
+def test_every_component_is_built_for_the_longest_context_and_recorded(quick_run):
+    """Through its schema's `for_context` hook (Linformer: 32 tokens -> chunks of 8, 2 slots), for every PE and
+    attention alike; bench.json's meta records what that set, bench.md says it."""
+    _, out = quick_run
+    components = json.loads((out / "bench.json").read_text())["meta"]["components"]
+    expected = {"block_size": 32}
+    for group, registry, names in (("pe", PE_REGISTRY, PES), ("attention", ATTENTION_REGISTRY, ATTENTIONS)):
+        expected[group] = {name: registry.entry(name)[0].for_context(32) for name in names}
+    assert components == expected
+    args = bench.parse_args(TINY + ["--context", "16", "32"])
+    for pe in PES:
+        for attention in ATTENTIONS:
+            model = build_model(bench.model_cfg(args, pe, attention))
+            assert model.config.block_size == 32
+            built = {"pe": (model.h[0].attn.pe or model.pe).cfg, "attention": model.h[0].attn.mechanism.cfg}
+            for group, name in (("pe", pe), ("attention", attention)):
+                assert all(getattr(built[group], k) == v for k, v in expected[group][name].items()), (group, name)
+    assert f"- PE / attention settings: {bench.report.components_text(components)}\n" in (out / "bench.md").read_text()
+
+
 def test_quick_mode_writes_markdown_and_png(quick_run):
     _, out = quick_run
     md = (out / "bench.md").read_text()
     assert md.count(f"| {PEER_NAME} |") == 2
-    assert "| off | 32 | 2 | fire+linformer |" in md
+    for pe in PES:
+        for attention in ATTENTIONS:
+            assert f"| off | 32 | 2 | {pe}+{attention} |" in md
     assert matplotlib.image.imread(out / "bench.png").shape[-1] in (3, 4)
 
 
@@ -68,13 +92,24 @@ def test_cpu_step_memory_sees_a_torch_allocation():
     assert 240 < mib < 400
 
 
-def test_a_failing_combination_is_reported_not_fatal(tmp_path):
-    """An OOM at one long context must not cost the rest of a GPU grid; an invalid Linformer config stands in."""
-    status = bench.main(TINY + ["--pes", "nope", "--attentions", "linformer", "--linformer-k", "8",
-                                "--context", "16", "--out", str(tmp_path)])
+def test_a_failing_combination_is_reported_not_fatal(tmp_path, monkeypatch):
+    """An OOM at one long context must not cost the rest of a GPU grid; a model that fails to build stands in."""
+    pe, failing, working = PES[0], ATTENTIONS[0], ATTENTIONS[1]
+
+    def build(cfg):
+        if cfg["attention"]["name"] == failing:
+            raise ValueError("stand-in for an out-of-memory error")
+        return build_model(cfg)
+
+    monkeypatch.setattr(bench, "build_model", build)
+    status = bench.main(TINY + ["--pes", pe, "--attentions", failing, working, "--context", "16",
+                                "--out", str(tmp_path)])
     assert status == 1
-    row = json.loads((tmp_path / "bench.json").read_text())["results"][0]
-    assert row["tokens_per_s"] is None and row["error"].startswith("ValueError")
+    rows = {PEER_NAME if r["model"] == PEER_NAME else r["attention"]: r
+            for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
+    assert rows[failing]["tokens_per_s"] is None and rows[failing]["error"].startswith("ValueError: stand-in")
+    assert rows[working]["error"] is None and rows[working]["tokens_per_s"] > 0  # the grid went on
+    assert rows[PEER_NAME]["error"] is None  # the peer too
     assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
 
 

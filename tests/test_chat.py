@@ -28,6 +28,7 @@ from src.chat.store import ModelStore, discover_models, load
 from src.chat.terminal import main as chat_main
 from src.checkpoint import load_model, save_checkpoint
 from src.data.tokenizer import EOT_TOKEN, get_tokenizer
+from src.metrics import VAL_LOSS, label
 from src.model import build_model
 from src.training.trainer import train
 from tests.conftest import ATTENTIONS, PES, ROOT, tiny_model_cfg
@@ -223,7 +224,7 @@ def test_export_round_trip_and_model_card(trained_run):
     assert {"pegrid", "gpt2", "pe-rope", "attention-flash"} <= set(front["tags"])
     summary = yaml.safe_load((run_dir / "summary.json").read_text())
     assert "| positional encoding | rope |" in card and "| attention | flash |" in card
-    assert f"| validation loss (nats/token) | {summary['val/loss']:.4f} |" in card
+    assert f"| {label(VAL_LOSS)} | {summary[VAL_LOSS]:.4f} |" in card
     assert "extrapolates" in card and summary["run_name"] in card
 
 
@@ -315,7 +316,7 @@ def rss_bytes() -> int:
 
 @pytest.mark.slow
 def test_store_keeps_one_model_resident(tmp_path):
-    """Seven exported ~27 MB models (one per PE) loaded in turn: each load frees the previous model."""
+    """One exported ~27 MB model per PE, loaded in turn: each load frees the previous model."""
     exports = []
     for seed, pe in enumerate(PES):
         cfg = dict(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=50304,
@@ -340,13 +341,13 @@ def test_store_keeps_one_model_resident(tmp_path):
     store = ModelStore(max_resident=1)
     refs, growth = load_all(store)
     assert store.resident == [str(exports[-1])]
-    assert [ref() is None for ref in refs] == [True] * 6 + [False]
+    assert [ref() is None for ref in refs] == [True] * (len(PES) - 1) + [False]
     assert growth < 1.5 * model_bytes, f"RSS grew by {growth / 1e6:.0f} MB"
     del store
     gc.collect()
 
-    # The same measurement sees the growth when the budget allows all seven.
-    unbounded = ModelStore(max_resident=7)
+    # The same measurement sees the growth when the budget allows them all.
+    unbounded = ModelStore(max_resident=len(PES))
     refs, growth = load_all(unbounded)
     assert all(ref() is not None for ref in refs) and growth > 4 * model_bytes
 

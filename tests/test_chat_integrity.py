@@ -4,6 +4,7 @@ ids, model text shown verbatim in the app, the app's models root, and exports/ k
 from __future__ import annotations
 
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -11,10 +12,18 @@ import huggingface_hub
 import pytest
 
 from src.chat import terminal as chat
-from src.chat.export import export
+from src.chat.export import export, model_card
 from src.chat.generate import SamplingConfig
 from src.chat.store import LoadedModel, ModelLoadError, load, local_path
-from src.model import build_model
+from src.metrics import (
+    HELLASWAG_ACC_NORM,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    extrapolation_context_key,
+    extrapolation_loss_key,
+    label,
+)
+from src.model import ATTENTION_REGISTRY, PE_REGISTRY, build_model
 from tests.conftest import ROOT
 from tests.test_chat import fake_run, real_vocab_cfg
 
@@ -189,6 +198,38 @@ def test_app_models_root_defaults_to_outputs_and_exports(app_test, tmp_path, mon
     assert at.selectbox[0].options == ["outputs/run", "exports/rope-flash"]
     at.text_input(key="hub").set_value("elsewhere/run").run()
     assert at.error[0].value.startswith("refused: elsewhere/run is outside the models root (outputs, exports)")
+
+
+# ------------------------------------------------------------------------------------ model card, imports
+
+
+def test_model_card_labels_and_counts_come_from_their_one_source():
+    """Labels from src/metrics.py, the grid's size from the registries, every template placeholder filled, and
+    the extrapolation losses in multiplier order (x16 after x2) with the context each was measured at."""
+    summary = {"run_name": "r", "step": 3, VAL_LOSS: 5.0, TRAIN_LOSS: 5.5, HELLASWAG_ACC_NORM: 0.25,
+               extrapolation_loss_key(16): 7.0, extrapolation_context_key(16): 1024,
+               extrapolation_loss_key(2): 6.0, extrapolation_context_key(2): 128,
+               extrapolation_loss_key(4): None, "perf/mfu": 0.4}
+    card = model_card(LoadedModel("r", build_model(CFG), Path("."), summary), license="apache-2.0")
+    assert "$" not in card and "license: apache-2.0" in card
+    assert f"pegrid ({len(PE_REGISTRY.names())} positional encodings x {len(ATTENTION_REGISTRY.names())} " in card
+    rows = [line.split(" | ")[0].lstrip("| ") for line in card.splitlines() if line.startswith("| ")]
+    assert rows[-5:] == [label(VAL_LOSS), label(extrapolation_loss_key(2), context=128),
+                         label(extrapolation_loss_key(16), context=1024), label(HELLASWAG_ACC_NORM), label(TRAIN_LOSS)]
+    assert f"| {label(extrapolation_loss_key(16), context=1024)} | 7.0000 |" in card
+    assert "loss at 16× context = 1,024 tokens (nats)" in card
+
+
+def test_chat_imports_nothing_from_training():
+    """The chat, the export and the Streamlit page need a model, not the trainer (src/run_record.py and
+    src/device.py are the neutral modules they share with it)."""
+    pytest.importorskip("streamlit")
+    code = ("import sys, runpy; import src.chat.export, src.chat.terminal, src.chat.store, src.chat.generate; "
+            "runpy.run_path('app.py', run_name='imported'); "
+            "print(sorted(m for m in sys.modules if m.startswith('src.training')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------------------------------- git

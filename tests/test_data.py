@@ -23,10 +23,12 @@ from src.data import (
     ensure_prepared,
     get_tokenizer,
     prepare,
+    sources,
     split_tokens,
 )
 from src.data.config import resolve_cache_dir
-from src.data.sources import _embedded_documents
+from src.data.sources import SOURCES, _embedded_documents
+from src.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 prepare_module = importlib.import_module("src.data.prepare")  # the package attribute is the function
@@ -238,6 +240,58 @@ def test_unreachable_hub_fails_fast_with_clear_error(tmp_path, monkeypatch):
     assert time.monotonic() - started < 15
 
 
+def test_a_registered_source_is_all_the_pipeline_needs(tmp_path, monkeypatch):
+    """Adding a source is one registered class (and its conf/data YAML): its checks, the dataset key, prepare and
+    the up-front document count all dispatch on the name through the registry alone."""
+    monkeypatch.setattr(sources, "_REGISTRY", dict(sources._REGISTRY))  # registered for this test only
+    texts = [f"Number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(20)]
+
+    @sources.register_source("numbers")
+    class NumberSource(sources.Source):
+        counted_locally = True
+
+        def validate(self, cfg):
+            if cfg.max_docs is not None and cfg.max_docs < 10:
+                raise ConfigError("data=numbers needs 10 documents at least")
+
+        def describe(self, cfg):
+            return "numbers", {"source": "numbers", "count": len(texts)}
+
+        def open(self, cfg, start):
+            return sources.documents_in_memory(texts, cfg, start)
+
+    cfg = DataConfig(cache_dir=str(tmp_path), num_proc=1)
+    cfg.name = "numbers"  # named after construction: the test does not depend on how DataConfig checks names
+    sources.check_source_config(cfg)
+    assert sources.local_document_count(cfg) == 20
+    shard_dir = prepare(cfg)
+    assert shard_dir.name.startswith("numbers-") and prepare_module.load_meta(shard_dir)["source"] == "numbers"
+    assert decode_documents(read_split(shard_dir, "train")) == texts[:18]
+    assert decode_documents(read_split(shard_dir, "val")) == texts[18:]
+    cfg.max_docs = 5
+    with pytest.raises(ConfigError, match="10 documents"):
+        sources.check_source_config(cfg)
+    with pytest.raises(ConfigError, match="data.name=nope is not a source: use data=embedded, .*data=numbers"):
+        sources.source_for("nope")
+    with pytest.raises(ValueError, match="registered twice"):
+        sources.register_source("numbers")(NumberSource)
+
+
+def test_each_source_checks_its_own_settings():
+    """The per-source checks (a text file needs data.path, an hf dataset data.hf_path, a stream data.val_tokens)
+    live in the source classes; cfgs are made valid and then broken, since DataConfig refuses them when made."""
+    for name, key, message in (("text_file", "path", "data=text_file needs a file"),
+                               ("hf", "hf_path", "data=hf needs a dataset"),
+                               ("fineweb_edu", "val_tokens", "data=fineweb_edu is streamed")):
+        cfg = DataConfig(name=name, path="x.txt", hf_path="org/data", streaming=name == "fineweb_edu", val_tokens=10)
+        sources.check_source_config(cfg)
+        setattr(cfg, key, None)
+        with pytest.raises(ConfigError, match=message):
+            sources.check_source_config(cfg)
+    assert sources.local_document_count(DataConfig(name="hf", hf_path="org/data")) is None  # no download to count
+    assert sources.local_document_count(DataConfig(max_docs=7)) == 7
+
+
 def test_cache_dir_env_override_applies_only_to_the_default(tmp_path, monkeypatch):
     monkeypatch.setenv("PEGRID_DATA_DIR", str(tmp_path / "shared"))
     assert resolve_cache_dir(DataConfig()) == tmp_path / "shared"
@@ -322,8 +376,9 @@ def test_tiny_corpus_wraps_epochs_inside_a_batch_or_says_what_is_missing(tmp_pat
 # --- configs and CLI ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["embedded", "fineweb_edu", "text_file", "hf"])
+@pytest.mark.parametrize("name", SOURCES)
 def test_each_data_config_composes_to_the_schema(name):
+    """Every registered source has its conf/data/<name>.yaml."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         # the values these sources cannot do without (the schema refuses them empty)
         required = {"text_file": ["data.path=corpus.txt"], "hf": ["data.hf_path=json"]}.get(name, [])

@@ -1,5 +1,5 @@
 """Run records that never lie: divergence, two processes on one run dir, resume=never, the final checkpoint,
-stop signals, damaged checkpoints (issue #13, items 1-6)."""
+stop signals, damaged checkpoints (issue #13, items 1-6), failures while setting up."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from src.checkpoint import list_checkpoints, load_model
 from src.data import TokenLoader
+from src.preflight import BAD_INPUT
+from src.training import trainer
 from src.training.fingerprint import config_fingerprint
 from src.training.run_lock import RunDirLocked, RunLock
 from src.training.trainer import TrainingDiverged, train
@@ -39,6 +41,74 @@ def all_finite(ckpt_dir) -> bool:
     state = torch.load(ckpt_dir / "training_state.pt", weights_only=True)
     tensors = list(weights.values()) + [v for s in state["optimizer"]["state"].values() for v in s.values()]
     return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------- 0. setup failures
+@pytest.mark.parametrize("phase", ["ensure_prepared", "build_model", "latest_valid_checkpoint", "build_logger"])
+def test_a_failure_while_setting_up_is_in_the_summary(phase, data_dir, tmp_path, monkeypatch):
+    """Preparing data, building the model, resuming, starting the tracker: was no summary.json at all."""
+    def failing(*args, **kwargs):
+        raise RuntimeError(f"{phase} failed")
+
+    monkeypatch.setattr(trainer, phase, failing)
+    with pytest.raises(RuntimeError, match=f"{phase} failed"):
+        train(compose_train(tiny_overrides(data_dir)), tmp_path)
+    record = summary(tmp_path)
+    assert record["status"] == "failed" and record["error"] == f"RuntimeError: {phase} failed"
+    assert record["stopped_by"] is None and record["step"] == 0
+    assert (record["pe"], record["attention"], record["max_steps"]) == ("learned", "flash", 2)
+    assert "config_fingerprint" in record and "git_commit" in record
+
+
+def test_a_failed_resume_replaces_the_earlier_attempts_status(data_dir, tmp_path, monkeypatch):
+    """The interrupted attempt's status and error were left standing when the next attempt failed to resume."""
+    overrides = tiny_overrides(data_dir, steps=4, extra=["trainer.ckpt_every=100"])
+    with monkeypatch.context() as m:
+        m.setattr(TokenLoader, "next_batch", next_batch_that_signals(2, signal.SIGTERM))
+        assert train(compose_train(overrides), tmp_path)["status"] == "interrupted"
+
+    def failing(state):
+        raise RuntimeError("unreadable RNG state")
+
+    monkeypatch.setattr(trainer, "restore_rng_state", failing)
+    with pytest.raises(RuntimeError, match="unreadable RNG state"):
+        train(compose_train(overrides), tmp_path)
+    record = summary(tmp_path)
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: unreadable RNG state"
+    assert record["stopped_by"] is None and record["step"] == 2 and record["num_params"] > 0
+
+
+def test_a_second_ctrl_c_while_setting_up_is_in_the_summary(data_dir, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "build_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_train(tiny_overrides(data_dir)), tmp_path)
+    record = summary(tmp_path)
+    assert record["status"] == "interrupted" and record["stopped_by"] == "SIGINT"
+    assert "second SIGINT at step 0" in record["error"]
+
+
+HELLASWAG_OFFLINE = ["eval.hellaswag.enabled=true", "eval.hellaswag.url=http://127.0.0.1:9/hellaswag_val.jsonl"]
+
+
+def test_bad_input_found_after_the_lock_writes_nothing_on_a_fresh_run_dir(data_dir, tmp_path):
+    """By design (src/train.py then removes the run dir; tests/test_bad_input.py checks the CLI)."""
+    cfg = compose_train(tiny_overrides(data_dir, extra=[*HELLASWAG_OFFLINE, f"eval.hellaswag.cache_dir={tmp_path}/hs"]))
+    with pytest.raises(BAD_INPUT, match="could not download HellaSwag"):
+        train(cfg, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run.lock"]
+
+
+def test_bad_input_found_on_resume_is_in_the_existing_summary(data_dir, tmp_path):
+    train(compose_train(tiny_overrides(data_dir)), tmp_path)
+    more = tiny_overrides(data_dir, steps=4, extra=[*HELLASWAG_OFFLINE, f"eval.hellaswag.cache_dir={tmp_path}/hs"])
+    with pytest.raises(BAD_INPUT, match="could not download HellaSwag"):
+        train(compose_train(more), tmp_path)
+    record = summary(tmp_path)
+    assert record["status"] == "failed" and record["error"].startswith("HellaSwagUnavailableError: could not download")
+    assert record["step"] == 2  # what the record holds; the attempt trained nothing
 
 
 # ---------------------------------------------------------------------------------------------- 1. divergence

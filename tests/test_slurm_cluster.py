@@ -11,7 +11,8 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import submitit
-from slurm_helpers import (  # noqa: F401  (slurm_cluster is a fixture)
+
+from tests.slurm_helpers import (  # noqa: F401  (slurm_cluster is a fixture)
     release_requeued,
     run_script,
     slurm_cluster,

@@ -12,10 +12,8 @@ import pytest
 
 import sweeps.run_sweep as run_sweep
 from src.training.trainer import train
-from tests.conftest import PES, ROOT
+from tests.conftest import ATTENTIONS, PES, ROOT
 from tests.train_helpers import compose_train
-
-STUDY_ATTENTIONS = ["regular", "flash", "linformer_short"]
 
 
 def test_the_study_preset_is_a_byte_model_scored_past_its_context():
@@ -29,13 +27,18 @@ def test_the_study_preset_is_a_byte_model_scored_past_its_context():
 
 
 def test_the_study_sweep_is_every_pe_by_every_attention(tmp_path, capsys):
+    spec = run_sweep.load_sweep("study_cpu")
+    params = {key: run_sweep.sweep_values(key, values) for key, values in spec["params"].items()}
+    pes, attentions = params["model/pe"], params["model/attention"]
+    assert sorted(pes) == sorted(PES)  # a new PE file joins the study (glob), Linformer as linformer_short
+    assert sorted(attentions) == sorted(["linformer_short" if a == "linformer" else a for a in ATTENTIONS])
     assert run_sweep.main(["study_cpu", "--launcher", "local", "--jobs", "2", "--dry-run", f"runs_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert f"21 combinations in {tmp_path / 'study_cpu'}," in out
+    assert f"{len(pes) * len(attentions)} combinations in {tmp_path / 'study_cpu'}," in out
     commands = [dict(arg.split("=", 1) for arg in line.split() if "=" in arg) for line in out.splitlines()
                 if line.startswith("  $ ")]
     assert sorted((c["model/pe"], c["model/attention"]) for c in commands) == sorted(
-        (pe, attention) for pe in PES for attention in STUDY_ATTENTIONS)
+        (pe, attention) for pe in pes for attention in attentions)
     assert all(c["experiment"] == "study_cpu" for c in commands)
     # make study SEEDS=3 passes trainer.seed=0,1,2: one run dir per seed
     argv = ["study_cpu", "--launcher", "local", "--jobs", "2", "--dry-run", f"runs_dir={tmp_path}",

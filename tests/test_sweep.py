@@ -1,7 +1,7 @@
 """Sweeps (sweeps/run_sweep.py, `make sweep`, hydra/launcher=slurm) against the real local SLURM cluster of
 scripts/slurm_cluster.sh: a full tiny grid, skipping finished runs, preemption + requeue + resume, a failing job,
 DDP, the refusals (no GPUs, no controller) and squeue's array task counts. ~2 minutes on 2 cores (see
-docs/SWEEPS.md). The first test needs no cluster; tests/test_sweep_plan.py has the others that need none."""
+docs/SWEEPS.md). The first two tests need no cluster; tests/test_sweep_plan.py has the others that need none."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from slurm_helpers import release_requeued, slurm_cluster, wait_until  # noqa: F401  (slurm_cluster: fixture)
 
 from src.checkpoint import list_checkpoints
 from src.data.prepare import ensure_prepared
 from src.training.distributed import export_submitit_env
 from sweeps import run_sweep as sweep_cli
 from tests.conftest import ROOT
+from tests.slurm_helpers import release_requeued, slurm_cluster, wait_until  # noqa: F401  (slurm_cluster: fixture)
 from tests.train_helpers import compose_train, tiny_overrides
 
 slurm = [pytest.mark.slurm, pytest.mark.slow]
@@ -47,6 +47,12 @@ def test_submitit_multi_task_job_exports_the_torch_distributed_env(monkeypatch):
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_make_error_lines_are_filtered_from_a_plain_and_a_nested_make():
+    stderr = ("run_sweep: the one line\nmake: *** [Makefile:69: sweep] Error 2\n"
+              "make[1]: *** [Makefile:69: sweep] Error 2\nmake[12]: *** [Makefile:39: test] Error 2\n")
+    assert without_make_errors(stderr) == ["run_sweep: the one line"]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -76,6 +82,11 @@ def summary(run_dir: Path) -> dict:
 
 def progress_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("[sweep ")]
+
+
+def without_make_errors(stderr: str) -> list[str]:
+    """stderr without make's own `make: *** ...` lines; `make[N]: ***` when make runs nested (make test)."""
+    return [line for line in stderr.splitlines() if not re.match(r"make(\[\d+\])?: \*\*\*", line)]
 
 
 def assert_finished(run_dir: Path, steps: int) -> None:
@@ -209,7 +220,7 @@ def test_make_sweep_asking_for_gpus_on_a_cluster_without_any_fails_before_submit
                           capture_output=True, text=True, timeout=120)
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 2
-    [line] = [line for line in proc.stderr.splitlines() if not re.match(r"make(\[\d+\])?: \*\*\*", line)]
+    [line] = without_make_errors(proc.stderr)
     assert line.startswith("run_sweep: the jobs ask for 1 GPU(s) per node") and "GPUS_PER_NODE=0" in line
     assert "Traceback" not in proc.stderr and "FAILED" not in proc.stdout
     assert not runs.exists()  # no launch log, no submitit pickles
@@ -228,7 +239,7 @@ def test_sweep_without_an_answering_controller_says_how_to_start_one(slurm_clust
                           env={**os.environ, "SLURM_CONF": str(conf)})
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 2 and proc.stdout == "" and not runs.exists()
-    [line] = [line for line in proc.stderr.splitlines() if not re.match(r"make(\[\d+\])?: \*\*\*", line)]
+    [line] = without_make_errors(proc.stderr)
     assert "`scontrol ping`: Slurmctld(primary) at" in line and "is DOWN" in line
     assert "scripts/slurm_cluster.sh start" in line
 

@@ -1,11 +1,13 @@
-"""sweeps/run_sweep.py without a SLURM cluster: stale finished runs (config fingerprints), experiment=null, the
-refusal when no SLURM controller answers, progress lines with steps and ETAs. The last test runs a real
+"""sweeps/run_sweep.py without a SLURM cluster: the run dirs of the sweep files (run_sweep's default run_name),
+stale finished runs (config fingerprints), experiment=null, the refusal when no SLURM controller answers,
+progress lines with steps and ETAs. The last test runs a real
 one-run sweep with the local launcher (~30 s); the others take a few seconds in all."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -18,7 +20,16 @@ import yaml
 from src.data.prepare import ensure_prepared
 from src.training.fingerprint import config_fingerprint
 from sweeps import run_sweep
-from sweeps.run_sweep import Combo, compose_combos, load_sweep, main, progress_lines, sweep_overrides
+from sweeps.run_sweep import (
+    DEFAULT_RUN_NAME,
+    SWEEPS_DIR,
+    Combo,
+    compose_combos,
+    load_sweep,
+    main,
+    progress_lines,
+    sweep_overrides,
+)
 from tests.conftest import ROOT
 from tests.train_helpers import compose_train, tiny_overrides
 
@@ -42,6 +53,61 @@ def err_lines(capsys) -> tuple[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------- planning
+def test_no_sweep_file_repeats_the_default_run_name():
+    files = sorted(SWEEPS_DIR.glob("*.yaml"))
+    assert files
+    for path in files:
+        assert DEFAULT_RUN_NAME not in load_sweep(str(path))["overrides"], f"{path.name}: run_sweep adds it"
+
+
+def test_the_tiny_grid_runs_in_pe_attention_seed_dirs(tmp_path):
+    fixed, combos = plan("tiny", [f"runs_dir={tmp_path}"])
+    assert [c.run_dir for c in combos] == [tmp_path / "tiny" / f"{pe}-{attention}-s1337"
+                                           for pe in ("rope", "alibi") for attention in ("regular", "flash")]
+    assert fixed.count(DEFAULT_RUN_NAME) == 1
+
+
+def test_glob_sweeps_every_yaml_of_a_group_so_a_new_pe_joins_the_grids(tmp_path):
+    pe_files = sorted(p.stem for p in (ROOT / "conf" / "model" / "pe").glob("*.yaml"))
+    grid = sweep_overrides(load_sweep("grid"), [])[0]
+    assert grid["model/pe"] == [pe for pe in pe_files if pe != "nope"]
+    assert sweep_overrides(load_sweep("grid_with_nope"), [])[0]["model/pe"] == pe_files
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "conf" / "model" / "pe" / "t5_bias.yaml").touch()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(run_sweep, "ROOT", tmp_path)
+        assert "t5_bias" in sweep_overrides(load_sweep("grid"), [])[0]["model/pe"]
+    # on the command line too (the comma inside glob() is not a list of values)
+    params, _ = sweep_overrides(load_sweep("tiny"), ["model/pe=glob(*,exclude=[nope,learned])"])
+    assert params["model/pe"] == [pe for pe in pe_files if pe not in ("nope", "learned")]
+    with pytest.raises(run_sweep.SweepError, match="conf/trainer.lr/ is none"):
+        sweep_overrides(load_sweep("tiny"), ["trainer.lr=glob(*)"])
+
+
+@pytest.mark.parametrize(("sweep", "one_run", "run_dir"), [
+    ("grid", ["model/pe=rope", "model/attention=flash"], "grid/rope-flash-s1337"),
+    ("grid_with_nope", ["model/pe=nope", "model/attention=linformer"], "grid/nope-linformer-s1337"),  # grid's dir
+    ("study_cpu", ["model/pe=alibi", "model/attention=linformer_short"], "study_cpu/alibi-linformer-s0"),
+])
+def test_the_sweep_files_keep_their_run_dirs(sweep, one_run, run_dir, tmp_path):
+    """One combination of each (a whole grid takes seconds to compose): the dir it had when each file still
+    listed the run_name template itself."""
+    _, [combo] = plan(sweep, [*one_run, f"runs_dir={tmp_path}"])
+    assert combo.run_dir == tmp_path / run_dir
+
+
+def test_a_sweep_file_or_the_command_line_may_set_its_own_run_name(tmp_path):
+    own = "run_name=${model.attention.name}-only"
+    sweep_file = tmp_path / "own.yaml"
+    sweep_file.write_text("experiment: null\nlauncher: local\nparams:\n  model/pe: rope\n"
+                          f"  model/attention: flash,regular\noverrides:\n  - {own}\n")
+    fixed, combos = plan(str(sweep_file), [f"runs_dir={tmp_path}"])
+    assert [c.run_dir for c in combos] == [tmp_path / "own" / "flash-only", tmp_path / "own" / "regular-only"]
+    assert own in fixed and DEFAULT_RUN_NAME not in fixed
+    fixed, [combo] = plan(str(sweep_file), ["model/attention=flash", "run_name=cli", f"runs_dir={tmp_path}"])
+    assert combo.run_dir == tmp_path / "own" / "cli" and own not in fixed
+
+
 def test_experiment_null_means_no_preset_on_the_command_line_and_in_a_sweep_file(tmp_path, capsys):
     default = config_fingerprint(compose_train(ONE_RUN))
     # grid.yaml sets experiment: gpt2_124m_fineweb; experiment=null on the command line drops it

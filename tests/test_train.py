@@ -18,7 +18,7 @@ from src.checkpoint import latest_valid_checkpoint, list_checkpoints
 from src.model import build_model
 from src.model.gpt import GPT
 from src.training.trainer import TrainingDiverged, train
-from tests.conftest import ATTENTIONS, PES, ROOT
+from tests.conftest import ATTENTIONS, PES, ROOT, sized_overrides
 from tests.train_helpers import compose_train, tiny_overrides
 
 
@@ -46,8 +46,8 @@ def assert_complete_record(run_dir, steps):
 @pytest.mark.parametrize("pe", PES)
 def test_every_combination_trains_and_writes_a_run_record(pe, attention, data_dir, tmp_path):
     extra = [f"model/pe={pe}", f"model/attention={attention}"]
-    if attention == "linformer":
-        extra += ["model.attention.chunk_size=16", "model.attention.k=4"]
+    block_size = compose_train(tiny_overrides(data_dir, extra=extra)).model.block_size
+    extra += sized_overrides(pe, attention, block_size)  # each component sized for the tiny context (Linformer)
     summary = train(compose_train(tiny_overrides(data_dir, extra=extra)), tmp_path)
     assert_complete_record(tmp_path, 2)
     assert (summary["pe"], summary["attention"]) == (pe, attention)

@@ -1,6 +1,6 @@
 """Training throughput and memory of every PE x attention, side by side with Hugging Face's GPT-2.
 
-    python -m src.benchmark --quick                      # CPU: tiny model, all 21 combinations, ~minutes
+    python -m src.benchmark --quick                      # CPU: tiny model, every PE x attention, ~minutes
     python -m src.benchmark --pes learned alibi --attentions flash --context 1024 --compile on
 
 For every cell (context length x batch size x compile mode) the peer, `GPT2LMHeadModel` with SDPA
@@ -8,6 +8,8 @@ attention at the same sizes, batch and dtype, stays resident, and each of our co
 rounds alternating with it (ours first in even rounds, the peer first in odd ones). Machines are noisy,
 shared CPUs above all; a ratio of two measurements taken seconds apart is far steadier than two absolute
 numbers taken minutes apart, so the headline figure `vs_peer` is the median over rounds of that ratio.
+Every PE and attention is built at block_size = the longest context measured, with the settings its schema's
+`for_context` hook gives for that context (Linformer's chunk_size and k); bench.json's meta records them.
 Outputs: <out>/bench.json, bench.md and bench.png (src/benchmark/report.py); docs/PERFORMANCE.md explains them.
 `python -m src.benchmark.targets <bench.json ...>` checks them against the performance targets.
 """
@@ -39,11 +41,9 @@ ATTENTIONS = ATTENTION_REGISTRY.names()
 # Defaults: GPT-2 124M on a GPU, or (--quick) a model small enough for a 2-core CPU. Flags override either.
 PRESETS = {
     "full": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, context=[256, 512, 1024, 2048, 4096, 8192],
-                 batch=[8], compile="both", dtype="bfloat16", repeats=5, steps=10, warmup=5,
-                 linformer_chunk=128, linformer_k=32, threads=None),
+                 batch=[8], compile="both", dtype="bfloat16", repeats=5, steps=10, warmup=5, threads=None),
     "quick": dict(n_layer=2, n_head=4, n_embd=128, vocab_size=50304, context=[64, 128, 256], batch=[2],
-                  compile="off", dtype="float32", repeats=3, steps=1, warmup=1, linformer_chunk=64, linformer_k=16,
-                  threads=1),
+                  compile="off", dtype="float32", repeats=3, steps=1, warmup=1, threads=1),
 }
 
 
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed rounds per combination (medians are over these)")
     p.add_argument("--steps", type=int, help="back-to-back training steps per timed round")
     p.add_argument("--warmup", type=int, help="untimed steps first (compilation happens here)")
-    for key in ("n_layer", "n_head", "n_embd", "vocab_size", "linformer_chunk", "linformer_k"):
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size"):
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int)
     p.add_argument("--threads", type=int, help="torch.set_num_threads; --quick: 1, see docs/PERFORMANCE.md")
     p.add_argument("--profile", action="store_true",
@@ -74,11 +74,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_cfg(args: argparse.Namespace, pe: str, attention: str) -> dict:
-    attention_cfg = {"name": attention}
-    if attention == "linformer":
-        attention_cfg.update(chunk_size=args.linformer_chunk, k=args.linformer_k)
-    return dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=max(args.context),
-                vocab_size=args.vocab_size, dropout=0.0, bias=True, pe={"name": pe}, attention=attention_cfg)
+    """Our model at the benchmark's sizes, its PE and attention sized for the longest context measured."""
+    block_size = max(args.context)
+    return dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=block_size,
+                vocab_size=args.vocab_size, dropout=0.0, bias=True, pe=PE_REGISTRY.for_context(pe, block_size),
+                attention=ATTENTION_REGISTRY.for_context(attention, block_size))
+
+
+def component_settings(args: argparse.Namespace) -> dict:
+    """What `model_cfg` sets beyond the schema defaults, per requested PE and attention, for bench.json's meta:
+    {"block_size": T, "pe": {name: {...}}, "attention": {"linformer": {"chunk_size": 64, "k": 16}, ...}}."""
+    block_size = max(args.context)
+
+    def overrides(registry, names: list[str]) -> dict:
+        return {name: {k: v for k, v in registry.for_context(name, block_size).items() if k != "name"}
+                for name in names}
+
+    return dict(block_size=block_size, pe=overrides(PE_REGISTRY, args.pes),
+                attention=overrides(ATTENTION_REGISTRY, args.attentions))
 
 
 def free_memory(device: torch.device) -> None:
@@ -127,12 +140,13 @@ def measure_cell(args, device: torch.device, context: int, batch: int, compile: 
 
     peer, peer_error = None, None
     try:
-        peer = train_step(PeerGPT2(model_config(model_cfg(args, "learned", "flash"))))
+        peer = train_step(PeerGPT2(model_config(model_cfg(args, *report.REFERENCE))))
         peer.warm_up(args.warmup)
     except Exception as e:  # an OOM at a long context must not cost the rest of the grid
         peer, peer_error = None, f"{type(e).__name__}: {e}"
     all_peer_seconds: list[float] = []
     rows = []
+    pe_width, attention_width = max(map(len, args.pes)), max(map(len, args.attentions))  # aligned progress lines
     for pe in args.pes:
         for attention in args.attentions:
             step, seconds, peer_seconds, memory, error = None, [], [], None, None
@@ -155,7 +169,8 @@ def measure_cell(args, device: torch.device, context: int, batch: int, compile: 
             rows.append(result_row("pegrid", pe, attention, cell, batch * context, seconds, peer_seconds, memory,
                                    flops, peak, error))
             all_peer_seconds += peer_seconds
-            print(f"  {pe:>10}+{attention:<9} {report.fmt(rows[-1]['tokens_per_s'], ',.0f'):>9} tok/s  "
+            print(f"  {pe:>{pe_width}}+{attention:<{attention_width}} "
+                  f"{report.fmt(rows[-1]['tokens_per_s'], ',.0f'):>9} tok/s  "
                   f"x{report.fmt(rows[-1]['vs_peer'], '.3f')} peer  {error or ''}", flush=True)
             del step
             free_memory(device)
@@ -194,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         torch=torch.__version__,
         transformers=transformers.__version__,
         dtype=args.dtype,
-        model=f"n_layer={args.n_layer} n_head={args.n_head} n_embd={args.n_embd} vocab_size={args.vocab_size} "
-              f"(linformer chunk_size={args.linformer_chunk} k={args.linformer_k})",
+        model=f"n_layer={args.n_layer} n_head={args.n_head} n_embd={args.n_embd} vocab_size={args.vocab_size}",
+        components=component_settings(args),
         step="forward + backward + AdamW step (trainer's optimizer, zero_grad(set_to_none)); no grad clipping",
         warmup=args.warmup, repeats=args.repeats, steps=args.steps,
         memory_method=memory_method(device),

@@ -35,6 +35,15 @@ def vs_reference(row: dict, rows: list[dict]) -> float | None:
     return row["tokens_per_s"] / ref["tokens_per_s"]
 
 
+def components_text(components: dict | None) -> str:
+    """meta["components"] in one line: the settings each PE / attention was built with beyond its defaults."""
+    if not components:
+        return "not recorded"
+    parts = [f"{name} " + " ".join(f"{k}={v}" for k, v in values.items())
+            for group in ("pe", "attention") for name, values in components[group].items() if values]
+    return f"sized for block_size {components['block_size']}: " + ("; ".join(parts) or "schema defaults")
+
+
 def markdown(result: dict) -> str:
     meta, rows = result["meta"], result["results"]
     lines = [
@@ -43,6 +52,7 @@ def markdown(result: dict) -> str:
         f"- device: {meta['device']} ({meta['threads']} threads), torch {meta['torch']}, "
         f"transformers {meta['transformers']}, dtype {meta['dtype']}",
         f"- model: {meta['model']}",
+        f"- PE / attention settings: {components_text(meta.get('components'))}",
         f"- step: {meta['step']}; {meta['warmup']} warm-up steps, then {meta['repeats']} rounds of "
         f"{meta['steps']} timed steps, ours and the peer interleaved; medians over rounds",
         f"- memory: {meta['memory_method']}; `state` = weights + AdamW moments",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.benchmark.peer import PEER_NAME
-from src.benchmark.report import vs_reference
+from src.benchmark.report import REFERENCE, vs_reference
 
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768)
 
@@ -85,7 +85,7 @@ def cells(results: list[dict]) -> Iterator[tuple[dict, dict, list[dict]]]:
     for result in results:
         rows = result["results"]
         for ref in rows:
-            if ref["model"] != PEER_NAME and (ref["pe"], ref["attention"]) == ("learned", "flash"):
+            if ref["model"] != PEER_NAME and (ref["pe"], ref["attention"]) == REFERENCE:
                 same = [r for r in rows if all(r[k] == ref[k] for k in ("context", "batch", "compile", "dtype"))]
                 yield result["meta"], ref, same
 

@@ -5,7 +5,9 @@ The folder holds what inference needs and nothing else (no optimizer state):
   the folder directly, so does `python -m src.chat --model OUT_DIR`);
 - `summary.json`, `config.yaml`: the run's record, so the chat UI can show its PE, attention and metrics
   (and decode with its `data.tokenizer`);
-- `README.md`: a model card with YAML front matter (library_name, license, tags) that the Hub indexes.
+- `README.md`: a model card with YAML front matter (library_name, license, tags) that the Hub indexes: the
+  template `model_card.md` (the prose) filled with the model's names and table (computed here; metric labels from
+  src/metrics.py).
 Upload it with `hf upload ORG/REPO OUT_DIR [NAME]`; then `python -m src.chat --model ORG/REPO[/NAME]`.
 """
 
@@ -14,97 +16,78 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from importlib import resources
 from pathlib import Path
+from string import Template
 
 from src.atomic import atomic_write_json
 from src.chat.store import LoadedModel, read_summary, read_tokenizer
 from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, find_checkpoint_dir, load_model
 from src.data.tokenizer import DEFAULT_TOKENIZER, describe_tokenizer
+from src.metrics import STEP, TOKENS, VAL_LOSS, extrapolation_context_key, extrapolation_multiplier, label
+from src.model import ATTENTION_REGISTRY, PE_REGISTRY
 
-_METRIC_NAMES = {
-    "val/loss": "validation loss (nats/token)",
-    "train/loss": "last training loss (nats/token)",
-    "hellaswag/acc_norm": "HellaSwag acc_norm",
-    "hellaswag/acc": "HellaSwag acc",
-}
+_TEMPLATE = "model_card.md"  # next to this file: the card's prose, with $placeholders (string.Template)
 
 
 class ExportError(RuntimeError):
     pass
 
 
-def _metric_label(key: str, summary: dict) -> str:
-    if key.startswith("extrapolation/loss_x"):
-        multiple = key.removeprefix("extrapolation/loss_x")
-        context = summary.get(f"extrapolation/context_x{multiple}")
-        return f"loss at {multiple}x the training context" + (f" ({context} tokens)" if context else "")
-    return _METRIC_NAMES.get(key, key)
+def _card_order(metric: str) -> tuple:
+    """Validation loss first (the figure the grid is compared on), then the extrapolation losses by multiplier,
+    then the rest by name."""
+    multiplier = extrapolation_multiplier(metric)
+    return metric != VAL_LOSS, multiplier is None, multiplier or 0, metric
 
 
-def model_card(loaded: LoadedModel, license: str) -> str:
-    """README.md for the Hub: front matter for search and filters, then what the model is and how it scored."""
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(f"| {key} | {value} |" for key, value in rows)
+
+
+def card_rows(loaded: LoadedModel) -> list[tuple[str, str]]:
+    """The model card's table: what the model is, how it was trained, and its final figures."""
     info, summary = loaded.info, loaded.summary
-    pe, attention = info["pe"], info["attention"]
-    name = summary.get("run_name") or f"{pe}-{attention}"
     context = (f"{info['max_context']} tokens (fixed by the PE)" if info["max_context"] is not None
                else f"trained on {info['block_size']}, extrapolates to longer inputs")
     rows = [
-        ("positional encoding", pe),
-        ("attention", attention),
+        ("positional encoding", info["pe"]),
+        ("attention", info["attention"]),
         ("parameters", f"{info['num_params']:,}"),
         ("layers / heads / width", f"{info['n_layer']} / {info['n_head']} / {info['n_embd']}"),
         ("context", context),
         ("tokenizer", loaded.tokenizer),
     ]
-    for key, label in (("step", "training steps"), ("tokens", "training tokens")):
+    for key, name in ((STEP, "training steps"), (TOKENS, "training tokens")):
         if summary.get(key) is not None:
-            rows.append((label, f"{summary[key]:,}"))
+            rows.append((name, f"{summary[key]:,}"))
     if summary.get("seed") is not None:
         rows.append(("seed", str(summary["seed"])))
-    # validation loss first: it is the figure the grid is compared on
-    ordered = sorted(loaded.metrics.items(), key=lambda kv: (kv[0] != "val/loss", kv[0]))
-    metrics = [(_metric_label(k, summary), f"{v:.4f}") for k, v in ordered]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows + metrics)
-    return f"""---
-library_name: pegrid
-license: {license}
-pipeline_tag: text-generation
-tags:
-- pegrid
-- gpt2
-- text-generation
-- pe-{pe}
-- attention-{attention}
----
+    for key in sorted(loaded.metrics, key=_card_order):
+        multiplier = extrapolation_multiplier(key)
+        measured_at = summary.get(extrapolation_context_key(multiplier)) if multiplier is not None else None
+        rows.append((label(key, context=measured_at), f"{loaded.metrics[key]:.4f}"))
+    return rows
 
-# {name}: GPT-2 with {pe} positional encoding and {attention} attention
 
-A GPT-2-style language model trained from scratch with pegrid (7 positional encodings x 3 attention
-mechanisms). Tokenizer: {describe_tokenizer(loaded.tokenizer)}. It is a base model: it
-continues text, it was not tuned to follow instructions.
-
-| | |
-|---|---|
-{table}
-
-## Use
-
-```bash
-python -m src.chat --model ORG/REPO[/NAME]          # after uploading this folder, or a local path to it
-python -m src.chat --model ORG/REPO --prompt "The attention mechanism" --temperature 0
-```
-
-```python
-from src.checkpoint import load_model
-model, _ = load_model("path/to/this/folder")        # weights from model.safetensors
-```
-
-## Files
-
-- `model.safetensors`: weights (the tied output projection is stored once, as `wte.weight`)
-- `model_config.json`: the model config (`src.model.build_model` rebuilds the model from it)
-- `summary.json`, `config.yaml`: the training run's record and resolved config
-"""
+def model_card(loaded: LoadedModel, license: str) -> str:
+    """README.md for the Hub: the template (model_card.md: front matter for search and filters, then what the model
+    is and how to use it) filled with this model's names and table."""
+    info = loaded.info
+    pe, attention = info["pe"], info["attention"]
+    template = Template(resources.files("src.chat").joinpath(_TEMPLATE).read_text(encoding="utf-8"))
+    return template.substitute(
+        license=license,
+        pe=pe,
+        attention=attention,
+        name=loaded.summary.get("run_name") or f"{pe}-{attention}",
+        grid=(f"{len(PE_REGISTRY.names())} positional encodings x {len(ATTENTION_REGISTRY.names())} "
+              "attention mechanisms"),
+        tokenizer=describe_tokenizer(loaded.tokenizer),
+        table=_table(card_rows(loaded)),
+        weights=WEIGHTS,
+        model_config=MODEL_CONFIG,
+    )
 
 
 def export(run_dir: str | Path, out_dir: str | Path, license: str = "mit") -> Path:

@@ -28,6 +28,7 @@ import yaml
 from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, load_model
 from src.data.tokenizer import DEFAULT_TOKENIZER, check_vocab_fits
 from src.device import release_freed_memory
+from src.metrics import is_model_score
 from src.model import from_hf_gpt2
 from src.model.gpt import GPT
 from src.run_record import RunRecord
@@ -41,8 +42,6 @@ PROJECT_DIRS = ("outputs", "exports")
 FILE_SUFFIXES = (".safetensors", ".json", ".yaml", ".yml", ".pt", ".pth", ".bin", ".ckpt", ".jsonl", ".txt")
 NO_MODEL_HINT = ("expected a run dir (with checkpoints/step_*/), a checkpoint dir or an export folder "
                  f"({WEIGHTS} + {MODEL_CONFIG}) there")
-# summary.json keys worth showing next to a model (see README "Run record")
-_METRIC_PREFIXES = ("val/", "train/loss", "extrapolation/loss_", "hellaswag/acc")
 
 
 class ModelLoadError(RuntimeError):
@@ -75,8 +74,9 @@ class LoadedModel:
 
     @property
     def metrics(self) -> dict[str, float]:
-        """The run's final losses and scores from summary.json (none for a model without a run record)."""
-        return {k: v for k, v in sorted(self.summary.items()) if k.startswith(_METRIC_PREFIXES) and v is not None}
+        """The run's final losses and scores from summary.json (none for a model without a run record); which keys
+        those are is src/metrics.py's `is_model_score`."""
+        return {k: v for k, v in sorted(self.summary.items()) if is_model_score(k) and v is not None}
 
 
 def read_summary(folder: Path) -> dict[str, Any]:

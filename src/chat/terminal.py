@@ -18,6 +18,7 @@ import sys
 
 from src.chat.generate import Conversation, SamplingConfig, generate_text
 from src.chat.store import HF_PREFIX, LoadedModel, ModelLoadError, load
+from src.metrics import VAL_LOSS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,8 +57,8 @@ def describe(loaded: LoadedModel) -> str:
     context = info["max_context"] or f"{info['block_size']} (trained; extrapolates)"
     line = (f"{loaded.spec}: pe={info['pe']} attention={info['attention']} params={info['num_params']:,} "
             f"context={context} tokenizer={loaded.tokenizer}")
-    if "val/loss" in loaded.metrics:
-        line += f" val/loss={loaded.metrics['val/loss']:.3f}"
+    if VAL_LOSS in loaded.metrics:
+        line += f" {VAL_LOSS}={loaded.metrics[VAL_LOSS]:.3f}"
     return line + f" (loaded in {loaded.load_seconds:.1f} s)"
 
 

@@ -2,7 +2,7 @@
 
 import warnings
 
-from src.data.config import DataConfig  # importing registers the data/data_schema Hydra schema
+from src.data.config import DataConfig  # importing registers the data_schema Hydra schema
 from src.data.loader import TokenLoader, split_tokens
 from src.data.prepare import ensure_prepared, prepare
 from src.data.sources import DataUnavailableError

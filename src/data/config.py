@@ -1,36 +1,38 @@
 """Schema of the `data` config group.
 
-Registered with Hydra's ConfigStore as `data/data_schema`; every conf/data/*.yaml lists it first in
-its defaults, so a misspelt key (`data.val_fractoin=0.2`) fails at compose time, naming the key.
+Stored in Hydra's ConfigStore as `data_schema` (src/structured.py); every conf/data/*.yaml starts from it and
+lists only its source's `name` and what differs from these defaults, so a misspelt key (`data.val_fractoin=0.2`)
+fails at compose time, naming the key.
 Importing this module (any `import src.data`) is what registers it, and the `padded_vocab` resolver that
-conf/model/*.yaml use: do that before composing.
+conf/model/gpt2.yaml (hence small, tiny) uses: do that before composing.
 """
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from src.data.sources import check_source_config
 from src.data.tokenizer import DEFAULT_TOKENIZER, check_tokenizer_name, padded_vocab_size
 from src.errors import ConfigError
+from src.structured import store_schema
 
 DEFAULT_CACHE_DIR = "data_cache"
-SOURCES = ("embedded", "text_file", "hf", "fineweb_edu")
 
 
 @dataclass
 class DataConfig:
-    # which source to read: embedded | text_file | hf | fineweb_edu (= hf with fineweb-edu preset)
+    # which source to read: a name registered in src/data/sources.py (SOURCES), each with its conf/data/<name>.yaml
     name: str = "embedded"
     # where tokenised shards go; relative paths are relative to the cwd. Left at the default, the
     # environment variable PEGRID_DATA_DIR (if set) replaces it, so a cluster can point every run at
     # one shared scratch directory without touching configs.
     cache_dir: str = DEFAULT_CACHE_DIR
-    # text_file: the local UTF-8 text file; documents are its blank-line-separated paragraphs
+    # text_file (required there): the local UTF-8 text file; documents are its blank-line-separated paragraphs
     path: str | None = None
-    # hf / fineweb_edu: arguments of datasets.load_dataset(hf_path, hf_name, split=hf_split, ...)
+    # hf / fineweb_edu: arguments of datasets.load_dataset(hf_path, hf_name, split=hf_split, ...); hf_path is
+    # required there
     hf_path: str | None = None
     hf_name: str | None = None
     hf_split: str = "train"
@@ -46,20 +48,12 @@ class DataConfig:
     num_proc: int = 1  # tokenizer worker processes; 1 = in-process, <= 0 = all available CPUs
     max_docs: int | None = None  # only use the first max_docs documents (quick runs, tests)
     # gpt2 (GPT-2 BPE, 50257 ids) | bytes (UTF-8 bytes, 256 ids): see src/data/tokenizer.py. The model's
-    # vocab_size follows it (conf/model/*.yaml); shards made with one tokenizer are never read as another's.
+    # vocab_size follows it (conf/model/gpt2.yaml); shards made with one tokenizer are never read as another's.
     tokenizer: str = DEFAULT_TOKENIZER
 
     def __post_init__(self) -> None:
         check_tokenizer_name(self.tokenizer)
-        if self.name not in SOURCES:
-            raise ConfigError(f"data.name={self.name} is not a source: use data={', data='.join(SOURCES)}")
-        if self.name == "text_file" and not self.path:
-            raise ConfigError("data=text_file needs a file: add data.path=/path/to/corpus.txt")
-        if self.name in ("hf", "fineweb_edu") and not self.hf_path:
-            raise ConfigError("data=hf needs a dataset: add data.hf_path=<hub id, or json/text/parquet>")
-        if self.name in ("hf", "fineweb_edu") and self.streaming and self.val_tokens is None:
-            raise ConfigError(f"data={self.name} is streamed, a stream of unknown length, so data.val_fraction cannot "
-                              f"be applied: set data.val_tokens=<tokens to hold out from the start>")
+        check_source_config(self)  # a registered name, and the settings that source needs (src/data/sources.py)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction (the fraction of documents held out for validation) must be in "
                               f"[0, 1), got {self.val_fraction}")
@@ -89,6 +83,6 @@ def resolve_cache_dir(cfg: DataConfig) -> Path:
     return Path(cache_dir).expanduser().absolute()
 
 
-ConfigStore.instance().store(group="data", name="data_schema", node=DataConfig)
-# `vocab_size: ${padded_vocab:${data.tokenizer}}` in conf/model/*.yaml: the model's vocabulary follows the data's
+store_schema("data", DataConfig)
+# `vocab_size: ${padded_vocab:${data.tokenizer}}` in conf/model/gpt2.yaml: the model's vocabulary follows the data's
 OmegaConf.register_new_resolver("padded_vocab", padded_vocab_size, replace=True)

@@ -139,7 +139,10 @@ def _splitter(cfg: DataConfig, num_docs, progress: _Progress):
     """Which split document i goes to: the last val_fraction of documents, or the first val_tokens."""
     if cfg.val_tokens is not None:
         return lambda i: "val" if progress.tokens["val"] < cfg.val_tokens else "train"
-    num_train = num_docs - cfg.num_val_docs(num_docs)  # a stream (no count) has val_tokens: DataConfig says so
+    if num_docs is None:  # a stream; its source's validate() refuses this config already, so this is a backstop
+        raise ConfigError(f"data={cfg.name} is a stream of unknown length, so data.val_fraction cannot be applied: "
+                          f"set data.val_tokens=<tokens to hold out from the start>")
+    num_train = num_docs - cfg.num_val_docs(num_docs)
     return lambda i: "train" if i < num_train else "val"
 
 

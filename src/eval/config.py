@@ -1,16 +1,16 @@
 """The evaluation suite's config schema (Hydra group `eval`).
 
-Registered with Hydra's ConfigStore as `eval/eval_schema`; every conf/eval/*.yaml lists it first in its
-defaults, so a misspelt key (`eval.val.num_tokns=1000`) fails at compose time, naming the key.
+Stored in Hydra's ConfigStore as `eval_schema` (src/structured.py); conf/eval/default.yaml starts from it and the
+other presets from default.yaml, so a misspelt key (`eval.val.num_tokns=1000`) fails at compose time, naming the
+key. Its defaults are the full suite, eval=default: the presets list only what differs.
 Importing this module (any `import src.eval`) is what registers it: do that before composing.
 The metric names it reports are those of src/metrics.py.
 """
 
 from dataclasses import dataclass, field
 
-from hydra.core.config_store import ConfigStore
-
 from src.errors import ConfigError
+from src.structured import store_schema
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -24,7 +24,8 @@ def _require_positive(section: str, cfg, *keys: str) -> None:
 @dataclass
 class ValConfig:
     # fixed budget: the loss is the mean over the first num_tokens tokens of the val split, so two runs
-    # on the same data are scored on exactly the same windows whatever their batch size or world size
+    # on the same data are scored on exactly the same windows whatever their batch size or world size.
+    # 2^20 tokens of the val split (all of it if it holds fewer)
     num_tokens: int = 1_048_576
     batch_size: int = 8  # windows of block_size tokens per forward pass (per rank)
 
@@ -35,7 +36,7 @@ class ValConfig:
 @dataclass
 class HellaSwagConfig:
     enabled: bool = True
-    # a local copy of hellaswag_val.jsonl; if null the file is downloaded from `url` into cache_dir once
+    # a local copy of hellaswag_val.jsonl; if null the file (10,042 items) is downloaded from `url` into cache_dir once
     path: str | None = None
     # relative paths are relative to the cwd; left at the default, $PEGRID_DATA_DIR/hellaswag replaces
     # it when that variable is set (one shared copy on a cluster)
@@ -44,8 +45,8 @@ class HellaSwagConfig:
     # sha256 a download from `url` must have, else it is deleted (rowanz/hellaswag's file, 12,246,618 bytes, as
     # pinned by HF datasets' hellaswag checksums); another url needs its own: `sha256sum hellaswag_val.jsonl`
     sha256: str = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
-    limit: int | None = None  # score only the first `limit` of the 10,042 items (quick runs)
-    batch_size: int = 4  # items (4 sequences each) per forward pass (per rank)
+    limit: int | None = None  # score only the first `limit` of the 10,042 items (quick runs); null: all
+    batch_size: int = 4  # items (4 endings, a sequence each) per forward pass (per rank)
 
     def __post_init__(self) -> None:
         _require_positive("hellaswag", self, "limit", "batch_size")
@@ -54,7 +55,7 @@ class HellaSwagConfig:
 @dataclass
 class ExtrapolationConfig:
     enabled: bool = True
-    multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # context = m x block_size
+    multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # context = m x model.block_size
     num_tokens: int = 262_144  # fixed token budget per context length, as val.num_tokens
     batch_size: int = 8  # windows per forward pass at 1x; at m x it is max(1, batch_size // m)
 
@@ -72,4 +73,4 @@ class EvalConfig:
     extrapolation: ExtrapolationConfig = field(default_factory=ExtrapolationConfig)
 
 
-ConfigStore.instance().store(group="eval", name="eval_schema", node=EvalConfig)
+store_schema("eval", EvalConfig)

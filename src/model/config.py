@@ -1,15 +1,17 @@
-"""The model's structured config schema (Hydra group `model`)."""
+"""The model's structured config schema (Hydra group `model`), stored as `model_schema`; its defaults are
+GPT-2 124M's (conf/model/gpt2.yaml adds only the vocabulary that follows data.tokenizer)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
+from src.structured import store_schema
 
 
 @dataclass
 class ModelConfig:
+    # GPT-2 124M (Radford et al. 2019)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -37,4 +39,4 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
 
-ConfigStore.instance().store(group="model", name="model_schema", node=ModelConfig)
+store_schema("model", ModelConfig)

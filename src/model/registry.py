@@ -1,9 +1,10 @@
 """Name -> (config schema, module) registries for positional encodings and attention mechanisms.
 
 A PE or attention module registers itself with a decorator; the registry also stores its config dataclass
-in Hydra's ConfigStore as `<name>_schema` in the module's config group, so `conf/model/pe/<name>.yaml` can
-start from that schema and a typo or wrong type fails at compose time, naming the key. Nothing else in the
-code base knows the list of names: adding a PE is one Python file here, one YAML file and a test parameter.
+in Hydra's ConfigStore as `<group>_<name>_schema` (`model_pe_fire_schema`; at the root, so that it is not one of
+the group's choices: src/structured.py), so `conf/model/pe/<name>.yaml` can start from that schema and a typo or
+wrong type fails at compose time, naming the key. Nothing else in the code base knows the list of names: adding
+a PE is one Python file and one YAML file (the tests, the benchmark and the analysis take the names from here).
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from hydra.core.config_store import ConfigStore
-
-from src.structured import to_dataclass
+from src.structured import store_schema, to_dataclass
 
 T = TypeVar("T")
 
@@ -26,6 +25,13 @@ class ComponentConfig:
     """Base of every PE / attention schema: `name` selects the registered implementation."""
 
     name: str = "???"
+
+    @classmethod
+    def for_context(cls, block_size: int) -> dict[str, Any]:
+        """The config values that size this component for a training context of `block_size` tokens, as
+        overrides of the schema's defaults (the benchmark and the tests build every component through this).
+        Default: none; a component whose good settings depend on the context (Linformer's chunks) overrides it."""
+        return {}
 
 
 class Registry(Generic[T]):
@@ -38,7 +44,7 @@ class Registry(Generic[T]):
             if name in self._entries:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
             self._entries[name] = (config_cls, module_cls)
-            ConfigStore.instance().store(group=self.config_group, name=f"{name}_schema", node=config_cls(name=name))
+            store_schema(self.config_group, config_cls(name=name), option=name)
             return module_cls
 
         return decorator
@@ -54,14 +60,24 @@ class Registry(Generic[T]):
         self.load_all()
         return sorted(self._entries)
 
+    def entry(self, name: str) -> tuple[type[ComponentConfig], type[T]]:
+        """The config dataclass and module class registered under `name`."""
+        self.load_all()
+        if name not in self._entries:
+            raise ValueError(f"unknown {self.kind} '{name}'; choose one of: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def for_context(self, name: str, block_size: int) -> dict[str, Any]:
+        """The config node of `name` sized for a training context of `block_size` tokens: `{"name": name}` plus
+        its schema's `for_context` overrides, e.g. {"name": "linformer", "chunk_size": 64, "k": 16} at 256."""
+        config_cls, _ = self.entry(name)
+        return {"name": name, **config_cls.for_context(block_size)}
+
     def resolve(self, cfg: Any) -> tuple[Any, type[T]]:
         """Validate `cfg` (dict, DictConfig or dataclass) against the schema of `cfg.name`.
 
         Returns the typed config object and the module class. Unknown keys or wrong types raise with the key.
         """
-        self.load_all()
         name = cfg.name if not isinstance(cfg, dict) else cfg.get("name")
-        if name not in self._entries:
-            raise ValueError(f"unknown {self.kind} '{name}'; choose one of: {', '.join(self.names())}")
-        config_cls, module_cls = self._entries[name]
+        config_cls, module_cls = self.entry(name)
         return to_dataclass(config_cls, cfg), module_cls

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from src.metrics import WANDB_STEP
 from src.training.config import LoggerConfig
 
 
@@ -37,11 +38,11 @@ class WandbLogger(NoLogger):
             id=run_id, resume="allow", mode=cfg.mode, dir=str(run_dir),
         )
         self.run_id = run_id
-        self.run.define_metric("trainer/step")
-        self.run.define_metric("*", step_metric="trainer/step")
+        self.run.define_metric(WANDB_STEP)
+        self.run.define_metric("*", step_metric=WANDB_STEP)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log({"trainer/step": step, **{k: v for k, v in metrics.items() if v is not None}})
+        self.run.log({WANDB_STEP: step, **{k: v for k, v in metrics.items() if v is not None}})
 
     def summary(self, metrics: dict[str, Any]) -> None:
         self.run.summary.update({k: v for k, v in metrics.items() if v is not None})

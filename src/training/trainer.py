@@ -1,7 +1,10 @@
 """The training loop: one run of one PE x attention combination, from config to run record.
 
 `train(cfg, run_dir)` is what `python -m src.train` calls inside Hydra's run dir; tests call it directly
-with a config from Hydra's compose API.
+with a config from Hydra's compose API. It locks the run dir and hands over to a `TrainingRun`, one attempt at
+the run, whose methods are its phases: `setup` (data, model, resume, the record's start), then per step
+`train_step`, `log`, `evaluate`, `checkpoint`, and `finish` (the summary, however the attempt ends); `run`
+calls them in that order.
 """
 
 from __future__ import annotations
@@ -27,9 +30,21 @@ from src.data import TokenLoader, ensure_prepared
 from src.device import autocast_for, peak_memory_mb
 from src.eval.hellaswag import ensure_hellaswag
 from src.eval.suite import eval_config, run_evaluation
-from src.metrics import VAL_LOSS
+from src.metrics import (
+    ELAPSED,
+    MFU,
+    PEAK_MEM,
+    STEP,
+    STEP_TIME_MS,
+    TOKENS,
+    TOKENS_PER_S,
+    TRAIN_GRAD_NORM,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    VAL_LOSS,
+)
 from src.model import build_model, model_config
-from src.preflight import check_inputs
+from src.preflight import BAD_INPUT, check_inputs
 from src.provenance import provenance
 from src.run_record import RunRecord
 from src.structured import to_dataclass
@@ -47,6 +62,302 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train per `cfg` (the composed train.yaml), write the run record into run_dir, return the summary.
+
+    The run dir is locked for the run's duration (one process per record). A stop signal (SIGINT, SIGTERM,
+    SLURM's USR2) checkpoints the current step and returns a summary with status `interrupted`.
+    """
+    check_inputs(cfg, run_dir)  # bad input fails here, before anything is written
+    tcfg = to_dataclass(TrainerConfig, cfg.trainer)
+    dist_ctx, device = init_distributed(tcfg.device)
+    record, stop = RunRecord(Path(run_dir)), StopSignals()
+    try:
+        run = TrainingRun(cfg, tcfg, dist_ctx, device, record, stop)  # reads the config, writes nothing
+        record.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(record.run_dir) if dist_ctx.is_main else contextlib.nullcontext(), stop:
+            summary = run.run()
+    finally:
+        shutdown_distributed()
+    if stop.requested:
+        stop.chain()  # under submitit, USR2 now requeues the job, which resumes from the checkpoint just written
+    return summary
+
+
+class TrainingRun:
+    """One attempt at a run: the state its phases share (config, model, optimizer, loader, record, logger,
+    counters) and one method per phase. Only rank 0 writes the record and logs."""
+
+    def __init__(self, cfg: DictConfig, tcfg: TrainerConfig, dist: DistContext, device: torch.device,
+                 record: RunRecord, stop: StopSignals):
+        self.cfg, self.tcfg, self.dist, self.device, self.record, self.stop = cfg, tcfg, dist, device, record, stop
+        self.lcfg = to_dataclass(LoggerConfig, cfg.logger)
+        self.mcfg = model_config(cfg.model)
+        self.ecfg = eval_config(cfg.eval)
+        self.name, self.tags = run_name_and_tags(cfg)
+        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        # check_inputs made sure the micro-batches divide total_batch_tokens
+        self.grad_accum = tcfg.total_batch_tokens // (tcfg.micro_batch_size * self.mcfg.block_size * dist.world_size)
+        self.autocast = autocast_for(device, tcfg.dtype)
+        self.logger = NoLogger()  # rank 0's tracker once setup has built it
+        self.num_params: int | None = None  # known once setup has built the model
+        self.step = 0  # optimizer steps done; start_step after a resume
+        self.last_checkpoint: int | None = None
+        self.elapsed_before, self.started = 0.0, time.perf_counter()  # started again when the loop starts
+        self.last_loss, self.eval_metrics = float("nan"), {}
+        self.window_tokens, self.window_time = 0, 0.0  # since the last training row
+
+    # ------------------------------------------------------------------------------------------ the attempt
+    def run(self) -> dict:
+        """setup; train_step (log, evaluate, checkpoint when due) until max_steps or a stop signal; the final
+        checkpoint, then the final evaluation; finish writes the summary however this ends."""
+        try:
+            finished = self.setup()
+        except (Exception, KeyboardInterrupt) as err:
+            self.fail_setup(err)
+            raise
+        if finished is not None:
+            return finished
+        tcfg, main = self.tcfg, self.dist.is_main
+        # any other BaseException (SystemExit) leaves the run "running": whoever raised it resumes it
+        status, error, stopped_by = "running", None, None
+        self.started = time.perf_counter()
+        bar = tqdm(total=tcfg.max_steps, initial=self.step, desc=self.name, disable=not (tcfg.progress and main),
+                   dynamic_ncols=True)
+        try:
+            while self.step < tcfg.max_steps and self.stop_signal() is None:
+                loss, norm, lr = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+                if main and (self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps):
+                    self.log(loss, norm, lr)
+                if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.max_steps:
+                    self.eval_metrics = self.evaluate()
+                if tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0 and self.step < tcfg.max_steps:
+                    self.checkpoint()
+            bar.close()
+            self.checkpoint()  # before the final evaluation: an evaluation that crashes must not cost training steps
+            stopped_by = self.stop_signal()
+            if stopped_by:
+                status = "interrupted"
+                saved = "checkpointed" if self.step else "nothing trained yet"
+                error = f"stopped by {stopped_by.name} at step {self.step}; {saved}: rerun the same command to resume"
+            else:
+                # resumed after the final evaluation was logged but before the summary was written: reuse it
+                self.eval_metrics = logged_evaluation(self.record, self.step) or self.evaluate()
+                status = "finished"
+        except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, the previous one is kept
+            status, error, stopped_by = "interrupted", self.second_sigint(), signal.SIGINT
+            raise
+        except Exception as err:
+            status, error = "failed", error_line(err)
+            raise
+        finally:
+            bar.close()
+            summary = self.finish(status, error, stopped_by)
+        return summary
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> dict | None:
+        """Seed, data, model, optimizer, resume, logger, and the summary's `running`. Returns the summary
+        instead if the run is already finished (nothing to do)."""
+        tcfg, main = self.tcfg, self.dist.is_main
+        seed_everything(tcfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if tcfg.resume == "never" and main and self.record.has_record():
+            moved = self.record.move_aside()  # a fresh start never appends to, or resumes, the old record
+            log.warning("trainer.resume=never: the existing run record in %s was moved to %s", self.record.run_dir,
+                        moved)
+        self.shard_dir = self.prepare_data()
+        self.loader = TokenLoader(self.shard_dir, "train", tcfg.micro_batch_size, self.mcfg.block_size, tcfg.seed,
+                                  self.dist.rank, self.dist.world_size)
+        self.model = build_model(self.mcfg).to(self.device)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = build_optimizer(self.model, tcfg, self.device.type)
+        if tcfg.resume == "auto":
+            self.resume()
+        previous = self.record.read_summary()
+        if self.step >= tcfg.max_steps and previous.get("status") == "finished":
+            log.info("%s already finished (step %d); nothing to do", self.record.run_dir, self.step)
+            return previous
+        if main:
+            self.record.truncate_after(self.step)  # also from scratch: rows of an attempt without a valid checkpoint go
+            self.record.save_config(self.cfg)
+        self.train_model = torch.compile(self.model) if tcfg.compile else self.model
+        if self.dist.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=device_ids)
+        self.flops_token = flops_per_token(self.model, self.mcfg.block_size)
+        self.peak = peak_flops(self.device)
+        if main:
+            self.logger = build_logger(self.lcfg, self.record.run_dir, self.name, self.resolved, self.tags)
+            self.record.update_summary(**self.summary_base(), status="running", error=None, stopped_by=None,
+                                       **{STEP: self.step})
+        return None
+
+    def prepare_data(self) -> Path:
+        """The shard dir. Rank 0 checks HellaSwag and prepares the data; the others wait, then find the shards."""
+        if self.ecfg.hellaswag.enabled and self.dist.is_main:
+            ensure_hellaswag(self.ecfg.hellaswag)  # offline or a wrong path: fail now, not at the first evaluation
+        shard_dir = ensure_prepared(self.cfg.data) if self.dist.is_main else None
+        if self.dist.enabled:
+            torch.distributed.barrier()
+            shard_dir = ensure_prepared(self.cfg.data)
+        return shard_dir
+
+    def resume(self) -> None:
+        """Continue from the newest valid checkpoint in the run dir, if there is one."""
+        found = latest_valid_checkpoint(self.record.checkpoint_dir, self.model)
+        if found is None:
+            return
+        ckpt_dir, state = found
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        restore_rng_state(state["rng"])
+        self.step = self.last_checkpoint = state["step"]
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+        match_thread_count(state.get("num_threads"), self.device)
+        log.info("resumed from %s (step %d)", ckpt_dir, self.step)
+
+    def fail_setup(self, err: BaseException) -> None:
+        """Setup raised: rank 0's summary says so (status failed, or interrupted by a second Ctrl-C), over what an
+        earlier attempt wrote. Bad input on a run dir without a record writes nothing: src/train.py then removes
+        the run dir and reports one line."""
+        if not self.dist.is_main or (isinstance(err, BAD_INPUT) and not self.record.has_record()):
+            return
+        if isinstance(err, KeyboardInterrupt):
+            status, error, stopped_by = "interrupted", self.second_sigint(), signal.SIGINT.name
+        else:
+            status, error, stopped_by = "failed", error_line(err), None
+        previous = self.record.read_summary()
+        known = {k: v for k, v in self.summary_base().items() if v is not None or k not in previous}
+        self.record.update_summary(**known, status=status, error=error, stopped_by=stopped_by,
+                                   **{STEP: previous.get(STEP, self.step)})
+        self.logger.finish(1)
+
+    # ------------------------------------------------------------------------------------------ per step
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (loss, grad norm, lr). A non-finite loss or
+        gradient norm raises TrainingDiverged before the update."""
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, self.tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+            sync = micro == self.grad_accum - 1 or not self.dist.enabled
+            with (contextlib.nullcontext() if sync else self.train_model.no_sync()), self.autocast():
+                _, loss = self.train_model(x, y)
+                loss = loss / self.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        loss_value = all_reduce_mean(loss_sum, self.dist).item()
+        max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            # a finite loss can come with an infinite gradient: applying it would make every weight NaN
+            raise TrainingDiverged(f"training diverged at step {self.step + 1} (loss {loss_value:.4g}, grad norm "
+                                   f"{norm:.4g}); the update was not applied; {self.kept_checkpoint()}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step += 1
+        self.last_loss = loss_value
+        self.window_tokens += self.tcfg.total_batch_tokens
+        self.window_time += time.perf_counter() - t0
+        return loss_value, norm, lr
+
+    def log(self, loss: float, norm: float, lr: float) -> None:
+        """A training row (metrics.jsonl and the tracker) with the throughput since the previous one; the
+        summary's step. Rank 0 only."""
+        batch_tokens = self.tcfg.total_batch_tokens
+        tokens_per_s = self.window_tokens / self.window_time
+        row = {
+            STEP: self.step, TOKENS: self.step * batch_tokens, TRAIN_LOSS: loss, TRAIN_LR: lr, TRAIN_GRAD_NORM: norm,
+            TOKENS_PER_S: tokens_per_s, MFU: tokens_per_s * self.flops_token / self.peak if self.peak else None,
+            STEP_TIME_MS: 1000 * self.window_time / (self.window_tokens / batch_tokens),
+            PEAK_MEM: peak_memory_mb(self.device), ELAPSED: self.elapsed(),
+        }
+        self.record.log(row)
+        self.logger.log(row, self.step)
+        self.record.update_summary(**{STEP: self.step, TOKENS: row[TOKENS], ELAPSED: row[ELAPSED]})
+        self.window_tokens, self.window_time = 0, 0.0
+
+    def evaluate(self) -> dict:
+        """run_evaluation at the current step (every rank: it all-reduces); rank 0 logs an evaluation row."""
+        metrics = run_evaluation(self.model, self.ecfg, self.shard_dir, self.device, self.autocast)
+        if self.dist.is_main:
+            self.record.log({STEP: self.step, **metrics})
+            self.logger.log(metrics, self.step)
+        return metrics
+
+    def checkpoint(self) -> None:
+        """An atomic checkpoint of the current step (rank 0), unless it is step 0 or already written."""
+        if self.dist.is_main and self.step not in (0, self.last_checkpoint):
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+                     "rng": rng_state(), "elapsed_s": self.elapsed(), "num_threads": torch.get_num_threads()}
+            try:
+                save_checkpoint(self.record.checkpoint_dir, self.step, self.model, dataclasses.asdict(self.mcfg),
+                                state, self.tcfg.keep_last)
+            except NonFiniteCheckpoint as err:
+                raise TrainingDiverged(f"training diverged by step {self.step} ({err}); {self.kept_checkpoint()}"
+                                       ) from None
+        self.last_checkpoint = self.step
+
+    def stop_signal(self) -> signal.Signals | None:
+        """The stop signal received, if any; under DDP the highest of any rank, so every rank takes the same branch."""
+        if not self.dist.enabled:
+            return self.stop.requested
+        flag = torch.tensor(float(self.stop.requested or 0), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return signal.Signals(int(flag.item())) if flag.item() else None
+
+    # ------------------------------------------------------------------------------------------ finish
+    def finish(self, status: str, error: str | None, stopped_by: signal.Signals | None) -> dict:
+        """The summary of this attempt: rank 0 writes it (record and tracker) and closes the tracker; the other
+        ranks return the part they know."""
+        summary = {**self.summary_base(), "status": status, STEP: self.step, "error": error,
+                   "stopped_by": stopped_by.name if stopped_by else None}
+        if self.dist.is_main:
+            summary = self.record.update_summary(
+                **summary, **{TOKENS: self.step * self.tcfg.total_batch_tokens, TRAIN_LOSS: self.last_loss},
+                **self.eval_metrics, **{ELAPSED: self.elapsed()}, **_perf_summary(self.record),
+            )
+            self.logger.summary(summary)
+            self.logger.finish(0 if status == "finished" else 1)
+        return summary
+
+    def summary_base(self) -> dict:
+        """What the summary says about the run itself (num_params None until the model is built)."""
+        return {
+            "run_name": self.name, "pe": self.mcfg.pe["name"], "attention": self.mcfg.attention["name"],
+            "sweep": self.cfg.get("sweep_name"), "seed": self.tcfg.seed, "num_params": self.num_params,
+            "device": str(self.device), "world_size": self.dist.world_size, "max_steps": self.tcfg.max_steps,
+            "wandb_run_id": self.logger.run_id, FINGERPRINT_KEY: config_fingerprint(self.resolved), **provenance(),
+        }
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds over all attempts of this run."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def kept_checkpoint(self) -> str:
+        kept = list_checkpoints(self.record.checkpoint_dir)
+        where = f"the last finite checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint was written"
+        return f"{where} (lower trainer.lr or raise trainer.warmup_steps)"
+
+    def second_sigint(self) -> str:
+        return f"stopped by a second SIGINT at step {self.step}; resumes from the last checkpoint"
+
+
+def error_line(err: BaseException) -> str:
+    """The summary's `error` for an exception."""
+    return f"{type(err).__name__}: {err}"
 
 
 def seed_everything(seed: int) -> None:
@@ -84,222 +395,10 @@ def run_name_and_tags(cfg: DictConfig) -> tuple[str, list[str]]:
     return cfg.run_name, tags
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train per `cfg` (the composed train.yaml), write the run record into run_dir, return the summary.
-
-    The run dir is locked for the run's duration (one process per record). A stop signal (SIGINT, SIGTERM,
-    SLURM's USR2) checkpoints the current step and returns a summary with status `interrupted`.
-    """
-    check_inputs(cfg, run_dir)  # bad input fails here, before anything is written
-    tcfg = to_dataclass(TrainerConfig, cfg.trainer)
-    lcfg = to_dataclass(LoggerConfig, cfg.logger)
-    mcfg = model_config(cfg.model)
-    dist_ctx, device = init_distributed(tcfg.device)
-    record = RunRecord(Path(run_dir))
-    record.run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with RunLock(record.run_dir) if dist_ctx.is_main else contextlib.nullcontext(), StopSignals() as stop:
-            summary = _train(cfg, tcfg, lcfg, mcfg, dist_ctx, device, record, stop)
-    finally:
-        shutdown_distributed()
-    if stop.requested:
-        stop.chain()  # under submitit, USR2 now requeues the job, which resumes from the checkpoint just written
-    return summary
-
-
-def _train(cfg, tcfg: TrainerConfig, lcfg: LoggerConfig, mcfg, dist_ctx: DistContext, device, record: RunRecord,
-           stop: StopSignals):
-    # check_inputs made sure the micro-batches divide total_batch_tokens
-    grad_accum = tcfg.total_batch_tokens // (tcfg.micro_batch_size * mcfg.block_size * dist_ctx.world_size)
-    seed_everything(tcfg.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if tcfg.resume == "never" and dist_ctx.is_main and record.has_record():
-        moved = record.move_aside()  # a fresh start never appends to, or resumes, the old record
-        log.warning("trainer.resume=never: the existing run record in %s was moved to %s", record.run_dir, moved)
-
-    ecfg = eval_config(cfg.eval)
-    if ecfg.hellaswag.enabled and dist_ctx.is_main:
-        ensure_hellaswag(ecfg.hellaswag)  # offline or a wrong path: fail now, not at the first evaluation
-    shard_dir = ensure_prepared(cfg.data) if dist_ctx.is_main else None
-    if dist_ctx.enabled:  # rank 0 prepares; the others wait, then find the finished shards
-        torch.distributed.barrier()
-        shard_dir = ensure_prepared(cfg.data)
-    loader = TokenLoader(shard_dir, "train", tcfg.micro_batch_size, mcfg.block_size, tcfg.seed,
-                         dist_ctx.rank, dist_ctx.world_size)
-
-    model = build_model(mcfg).to(device)
-    optimizer = build_optimizer(model, tcfg, device.type)
-    start_step, elapsed_before = 0, 0.0
-    if tcfg.resume == "auto":
-        found = latest_valid_checkpoint(record.checkpoint_dir, model)
-        if found is not None:
-            ckpt_dir, state = found
-            optimizer.load_state_dict(state["optimizer"])
-            loader.load_state_dict(state["loader"])
-            restore_rng_state(state["rng"])
-            start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-            match_thread_count(state.get("num_threads"), device)
-            log.info("resumed from %s (step %d)", ckpt_dir, start_step)
-    previous = record.read_summary()
-    if start_step >= tcfg.max_steps and previous.get("status") == "finished":
-        log.info("%s already finished (step %d); nothing to do", record.run_dir, start_step)
-        return previous
-    if dist_ctx.is_main:
-        record.truncate_after(start_step)  # also from scratch: rows of an attempt without a valid checkpoint go
-        record.save_config(cfg)
-    train_model = torch.compile(model) if tcfg.compile else model
-    if dist_ctx.enabled:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = autocast_for(device, tcfg.dtype)
-
-    name, tags = run_name_and_tags(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = build_logger(lcfg, record.run_dir, name, resolved, tags) if dist_ctx.is_main else NoLogger()
-    flops_token = flops_per_token(model, mcfg.block_size)
-    peak = peak_flops(device)
-    summary_base = {
-        "run_name": name, "pe": mcfg.pe["name"], "attention": mcfg.attention["name"], "sweep": cfg.get("sweep_name"),
-        "seed": tcfg.seed, "num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
-        "world_size": dist_ctx.world_size, "max_steps": tcfg.max_steps, "wandb_run_id": logger.run_id,
-        FINGERPRINT_KEY: config_fingerprint(resolved), **provenance(),
-    }
-    if dist_ctx.is_main:
-        record.update_summary(**summary_base, status="running", error=None, stopped_by=None, step=start_step)
-
-    def evaluate(step: int) -> dict:
-        metrics = run_evaluation(model, ecfg, shard_dir, device, autocast)
-        if dist_ctx.is_main:
-            record.log({"step": step, **metrics})
-            logger.log(metrics, step)
-        return metrics
-
-    def elapsed() -> float:  # wall-clock seconds over all attempts of this run
-        return elapsed_before + time.perf_counter() - started
-
-    model_config_dict = dataclasses.asdict(mcfg)
-    last_checkpoint = start_step if start_step else None
-
-    def checkpoint(step: int) -> None:
-        nonlocal last_checkpoint
-        if dist_ctx.is_main and step not in (0, last_checkpoint):
-            state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                     "rng": rng_state(), "elapsed_s": elapsed(), "num_threads": torch.get_num_threads()}
-            try:
-                save_checkpoint(record.checkpoint_dir, step, model, model_config_dict, state, tcfg.keep_last)
-            except NonFiniteCheckpoint as err:
-                raise TrainingDiverged(f"training diverged by step {step} ({err}); {kept_checkpoint()}") from None
-        last_checkpoint = step
-
-    def kept_checkpoint() -> str:
-        kept = list_checkpoints(record.checkpoint_dir)
-        where = f"the last finite checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint was written"
-        return f"{where} (lower trainer.lr or raise trainer.warmup_steps)"
-
-    def stop_signal() -> signal.Signals | None:  # every rank must take the same branch: the highest signal of any
-        if not dist_ctx.enabled:
-            return stop.requested
-        flag = torch.tensor(float(stop.requested or 0), device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return signal.Signals(int(flag.item())) if flag.item() else None
-
-    step, last_loss, eval_metrics = start_step, float("nan"), {}
-    # any other BaseException (SystemExit) leaves the run "running": whoever raised it resumes it
-    status, error, stopped_by = "running", None, None
-    started = time.perf_counter()
-    bar = tqdm(total=tcfg.max_steps, initial=start_step, desc=name, disable=not (tcfg.progress and dist_ctx.is_main),
-               dynamic_ncols=True)
-    try:
-        window_tokens, window_time = 0, 0.0
-        while step < tcfg.max_steps and stop_signal() is None:
-            t0 = time.perf_counter()
-            lr = lr_at(step, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(grad_accum):
-                x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
-                sync = micro == grad_accum - 1 or not dist_ctx.enabled
-                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                    _, loss = train_model(x, y)
-                    loss = loss / grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            loss_value = all_reduce_mean(loss_sum, dist_ctx).item()
-            max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-            if not (math.isfinite(loss_value) and math.isfinite(norm)):
-                # a finite loss can come with an infinite gradient: applying it would make every weight NaN
-                raise TrainingDiverged(f"training diverged at step {step + 1} (loss {loss_value:.4g}, grad norm "
-                                       f"{norm:.4g}); the update was not applied; {kept_checkpoint()}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            step += 1
-            last_loss = loss_value
-            window_tokens += tcfg.total_batch_tokens
-            window_time += dt
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-            if dist_ctx.is_main and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
-                tokens_per_s = window_tokens / window_time
-                row = {
-                    "step": step, "tokens": step * tcfg.total_batch_tokens, "train/loss": loss_value, "train/lr": lr,
-                    "train/grad_norm": norm, "perf/tokens_per_s": tokens_per_s,
-                    "perf/mfu": tokens_per_s * flops_token / peak if peak else None,
-                    "perf/step_time_ms": 1000 * window_time / (window_tokens / tcfg.total_batch_tokens),
-                    "perf/peak_mem_mb": peak_memory_mb(device),
-                    "time/elapsed_s": elapsed(),
-                }
-                record.log(row)
-                logger.log(row, step)
-                record.update_summary(step=step, tokens=row["tokens"], **{"time/elapsed_s": row["time/elapsed_s"]})
-                window_tokens, window_time = 0, 0.0
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.max_steps:
-                eval_metrics = evaluate(step)
-            if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
-                checkpoint(step)
-        bar.close()
-        checkpoint(step)  # before the final evaluation: an evaluation that crashes must not cost training steps
-        stopped_by = stop_signal()
-        if stopped_by:
-            status = "interrupted"
-            saved = "checkpointed" if step else "nothing trained yet"
-            error = f"stopped by {stopped_by.name} at step {step}; {saved}: rerun the same command to resume"
-        else:
-            # resumed after the final evaluation was logged but before the summary was written: reuse it
-            eval_metrics = logged_evaluation(record, step) or evaluate(step)
-            status = "finished"
-    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, the previous one is kept
-        stopped_by = signal.SIGINT
-        status, error = "interrupted", f"stopped by a second SIGINT at step {step}; resumes from the last checkpoint"
-        raise
-    except Exception as err:
-        status, error = "failed", f"{type(err).__name__}: {err}"
-        raise
-    finally:
-        bar.close()
-        summary = dict(summary_base, status=status, step=step, error=error,  # what non-main ranks return
-                       stopped_by=stopped_by.name if stopped_by else None)
-        if dist_ctx.is_main:
-            summary = record.update_summary(
-                **summary_base, status=status, error=error, step=step, tokens=step * tcfg.total_batch_tokens,
-                stopped_by=stopped_by.name if stopped_by else None,
-                **{"train/loss": last_loss}, **eval_metrics, **{"time/elapsed_s": elapsed()},
-                **_perf_summary(record),
-            )
-            logger.summary(summary)
-            logger.finish(0 if status == "finished" else 1)
-    return summary
-
-
 def logged_evaluation(record: RunRecord, step: int) -> dict:
     """The metrics of an evaluation row already logged at `step`, or {}."""
-    rows = [r for r in record.read_metrics() if r.get("step") == step and VAL_LOSS in r]
-    return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+    rows = [r for r in record.read_metrics() if r.get(STEP) == step and VAL_LOSS in r]
+    return {k: v for k, v in rows[-1].items() if k != STEP} if rows else {}
 
 
 def match_thread_count(saved: int | None, device: torch.device) -> None:
@@ -313,12 +412,13 @@ def match_thread_count(saved: int | None, device: torch.device) -> None:
 
 def _perf_summary(record: RunRecord) -> dict:
     """Median throughput / MFU and the peak memory over the logged training rows."""
-    rows = [r for r in record.read_metrics() if "perf/tokens_per_s" in r]
+    rows = [r for r in record.read_metrics() if TOKENS_PER_S in r]
     if not rows:
         return {}
+    return {TOKENS_PER_S: _median(rows, TOKENS_PER_S), MFU: _median(rows, MFU),
+            PEAK_MEM: max(r[PEAK_MEM] for r in rows)}
 
-    def median(key):
-        values = [r[key] for r in rows if r.get(key) is not None]
-        return statistics.median_high(values) if values else None
-    return {"perf/tokens_per_s": median("perf/tokens_per_s"), "perf/mfu": median("perf/mfu"),
-            "perf/peak_mem_mb": max(r["perf/peak_mem_mb"] for r in rows)}
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median_high(values) if values else None

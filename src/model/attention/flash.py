@@ -19,7 +19,7 @@ from src.model.attention.flex import flex_applies, flex_attention_with_bias
 
 @dataclass
 class FlashConfig(AttentionConfig):
-    use_flex: bool = True  # FlexAttention for bias PEs when training on CUDA
+    use_flex: bool = True  # FlexAttention score_mod for bias PEs when training on CUDA (no [B, H, T, T] scores)
 
 
 @ATTENTION_REGISTRY.register("flash", FlashConfig)

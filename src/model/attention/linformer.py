@@ -40,9 +40,17 @@ from src.model.attention.flex import flex_applies, flex_attention_with_bias
 
 @dataclass
 class LinformerConfig(AttentionConfig):
-    chunk_size: int = 128  # c: positions attended exactly / compressed together
-    k: int = 32  # slots each completed chunk is compressed to
-    use_flex: bool = True  # one fused FlexAttention call when training on CUDA
+    chunk_size: int = 128  # c: positions attended exactly; completed chunks are compressed together
+    k: int = 32  # slots each completed chunk is compressed to (must be < chunk_size)
+    use_flex: bool = True  # one fused FlexAttention call when training on CUDA (block mask skips hidden slots and keys)
+
+    @classmethod
+    def for_context(cls, block_size: int) -> dict:
+        """At least 4 chunks per training window (else compression is barely trained: one chunk is exact
+        attention), at most 128 positions each, compressed 4:1. 32 -> 8/2, 64 -> 16/4 (linformer_short.yaml),
+        256 -> 64/16, from 512 on 128/32 (linformer.yaml)."""
+        chunk_size = max(2, min(128, block_size // 4))
+        return {"chunk_size": chunk_size, "k": max(1, chunk_size // 4)}
 
 
 @ATTENTION_REGISTRY.register("linformer", LinformerConfig)

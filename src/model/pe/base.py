@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from src.model.config import ModelConfig
 from src.model.registry import ComponentConfig, Registry
 
 
@@ -69,5 +70,19 @@ class PositionalEncoding(nn.Module):
             raise ValueError(
                 f"the '{self.cfg.name}' positional encoding covers {self.max_positions} positions but the "
                 f"input reaches position {seq_end}; shorten the input or use a PE that extrapolates "
-                f"(sinusoidal, rope, alibi, kerple, fire, nope)"
+                f"({', '.join(extrapolating_pes())})"
             )
+
+
+def extrapolating_pes() -> list[str]:
+    """The registered PEs with no position limit: those whose module, built with its schema's defaults for a
+    small model, has `max_positions` None (a PE may set its limit in `__init__`, from the model's block_size,
+    as learned does, so the class attribute alone does not tell)."""
+    probe = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=16)
+    names = []
+    with torch.random.fork_rng(devices=[]):  # building a PE may draw its initial weights: leave the seed be
+        for name in PE_REGISTRY.names():
+            config_cls, module_cls = PE_REGISTRY.entry(name)
+            if module_cls(config_cls(name=name), probe).max_positions is None:
+                names.append(name)
+    return names

@@ -18,8 +18,8 @@ from src.model.pe.base import PE_REGISTRY, PEConfig, PositionalEncoding
 
 @dataclass
 class KERPLEConfig(PEConfig):
-    variant: str = "log"  # log | power
-    eps: float = 1e-2
+    variant: str = "log"  # log (the paper's best) | power
+    eps: float = 1e-2  # lower clamp keeping r1, r2 positive
 
     def __post_init__(self) -> None:
         if not self.eps > 0:  # the floor that keeps r1, r2 positive

@@ -16,7 +16,7 @@ from src.model.pe.base import PE_REGISTRY, PEConfig, PositionalEncoding
 
 @dataclass
 class RoPEConfig(PEConfig):
-    base: float = 10000.0
+    base: float = 10000.0  # RoFormer's θ base
 
     def __post_init__(self) -> None:
         if not self.base > 1:  # θ_i = base^(-2i/d) must fall with i

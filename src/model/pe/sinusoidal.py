@@ -18,8 +18,8 @@ from src.model.pe.base import PE_REGISTRY, PEConfig, PositionalEncoding
 
 @dataclass
 class SinusoidalConfig(PEConfig):
-    base: float = 10000.0
-    scale_embeddings: bool = True  # multiply token embeddings by √d_model, as the paper
+    base: float = 10000.0  # Vaswani et al.
+    scale_embeddings: bool = True  # multiply token embeddings by √d_model, as the paper (§3.4)
 
     def __post_init__(self) -> None:
         if not self.base > 1:  # the wavelengths 2π·base^(2i/d) must grow with i
