@@ -4,7 +4,7 @@ TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint prepare eval bench bench-gpu
+.PHONY: help install train test test-fast test-gpu gpu-check lint prepare eval bench bench-gpu
 
 help:  ## list the targets (a bare `make` installs nothing)
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,11 +41,18 @@ test:  ## the whole suite, slow tests included (what CI runs)
 test-fast:  ## the suite without the tests marked slow
 	$(PYTHON) -m pytest -q -m "not slow"
 
+test-gpu:  ## the tests marked cuda (tests/test_cuda.py and others): skipped, with the reason, without a GPU
+	$(PYTHON) -m pytest -q -m cuda -rs
+
+GPU_CHECK_OUT ?= outputs/gpu-check
+gpu-check:  ## the first command on a 1-GPU machine (<= 8 min): CUDA tests, bench-gpu, 20 steps of every combination at 124M -> outputs/gpu-check/report.md
+	$(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(ARGS)
+
 lint:  ## ruff over every Python file of the project
 	$(PYTHON) -m ruff check src tests analysis sweeps scripts app.py
 
 # ---------------------------------------------------------------------------------------------- sweeps
-# make sweep [SWEEP=grid] [PARTITION=gpu] [ACCOUNT=proj] [GPUS_PER_NODE=8, 0: CPU jobs] [NODES=1] [TIME_MIN=1440]
+# make sweep [SWEEP=grid] [PREFLIGHT=1] [PARTITION=gpu] [ACCOUNT=proj] [GPUS_PER_NODE=8, 0: CPU jobs] [NODES=1] [TIME_MIN=1440]
 #            [SBATCH_EXTRA='{constraint:a100}'] [ARGS="more Hydra overrides / --dry-run / --rerun-stale"]
 #            (docs/SWEEPS.md)
 SWEEP ?= grid
@@ -61,15 +68,19 @@ SWEEP_LAUNCHER_OVERRIDES = \
 	$(if $(GPUS_PER_NODE),hydra.launcher.gpus_per_node=$(GPUS_PER_NODE) hydra.launcher.tasks_per_node=$(GPUS_PER_NODE)) \
 	$(if $(NODES),hydra.launcher.nodes=$(NODES)) \
 	$(if $(TIME_MIN),hydra.launcher.timeout_min=$(TIME_MIN)) \
-	$(if $(SBATCH_EXTRA),'hydra.launcher.additional_parameters=$(SBATCH_EXTRA)')
+	$(if $(SBATCH_EXTRA),'++hydra.launcher.additional_parameters=$(SBATCH_EXTRA)')
+# PREFLIGHT=1: every combination to run trains 2 steps in one short job first; nothing is submitted if one fails
+PREFLIGHT ?=
+PREFLIGHT_TIMEOUT ?=
+SWEEP_PREFLIGHT = $(if $(filter 1 yes true,$(PREFLIGHT)),--preflight $(if $(PREFLIGHT_TIMEOUT),--preflight-timeout $(PREFLIGHT_TIMEOUT)))
 
 .PHONY: sweep sweep-local
 
 sweep:  ## submit sweeps/SWEEP.yaml (default grid) to SLURM (skips finished runs, reports progress), e.g. make sweep PARTITION=gpu
-	$(PYTHON) -m sweeps.run_sweep $(SWEEP) $(SWEEP_LAUNCHER_OVERRIDES) $(ARGS)
+	$(PYTHON) -m sweeps.run_sweep $(SWEEP) $(SWEEP_LAUNCHER_OVERRIDES) $(SWEEP_PREFLIGHT) $(ARGS)
 
 sweep-local:  ## the tiny 2x2 grid (SWEEP=tiny) as local processes, no SLURM needed (hydra/launcher=local)
-	$(PYTHON) -m sweeps.run_sweep $(if $(filter grid,$(SWEEP)),tiny,$(SWEEP)) --launcher local $(ARGS)
+	$(PYTHON) -m sweeps.run_sweep $(if $(filter grid,$(SWEEP)),tiny,$(SWEEP)) --launcher local $(SWEEP_PREFLIGHT) $(ARGS)
 
 # ---------------------------------------------------------------------------------------------- the CPU study
 # make study [SEEDS=3] [STUDY_JOBS=2] [STUDY_RUNS=outputs] [ARGS="more overrides"]: sweeps/study_cpu.yaml (7 PEs x 3
@@ -81,7 +92,7 @@ STUDY_RUNS ?= outputs
 
 study:  ## the CPU study of sweeps/study_cpu.yaml (every PE x attention) into outputs/study_cpu/, then its report (SEEDS=3: seeds 0-2)
 	@case "$(SEEDS)" in ''|*[!0-9]*|0) echo "make study: SEEDS must be a positive integer, got '$(SEEDS)'" >&2; exit 2;; esac
-	OMP_NUM_THREADS=1 $(PYTHON) -m sweeps.run_sweep study_cpu --launcher local --jobs $(STUDY_JOBS) \
+	OMP_NUM_THREADS=1 $(PYTHON) -m sweeps.run_sweep study_cpu --launcher local --jobs $(STUDY_JOBS) $(SWEEP_PREFLIGHT) \
 		runs_dir=$(STUDY_RUNS) trainer.seed=$$(seq -s, 0 $$(($(SEEDS) - 1))) $(ARGS)
 	$(PYTHON) -m analysis.compare --runs $(STUDY_RUNS)/study_cpu --out $(STUDY_RUNS)/study_cpu/report
 

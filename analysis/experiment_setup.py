@@ -14,11 +14,11 @@ from analysis.sources import SETUP_COLUMNS
 from analysis.style import ATTENTION_ORDER, PE_ORDER, ordered
 from analysis.tables import GROUP_KEYS, status_counts, used_runs
 from src import metrics as run_metrics
+from src.data.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, describe_tokenizer
 from src.metrics import extrapolation_context_key
 
 NOT_RECORDED = "not recorded"
 DIFFER_NOTE = "A range (a–b) or a list (a, b) means the runs differ in that value."
-TOKENIZERS = {"gpt2": "GPT-2 BPE", "bytes": "bytes"}
 
 
 def _int(value: float) -> str:
@@ -51,7 +51,8 @@ def _used(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _tokenizer(runs: pd.DataFrame) -> str:
     # a record without data.tokenizer predates the option, when GPT-2 BPE was the only tokenizer
-    names = runs["data.tokenizer"].fillna("gpt2").map(lambda t: TOKENIZERS.get(t, t))
+    names = runs["data.tokenizer"].fillna(DEFAULT_TOKENIZER).map(
+        lambda name: describe_tokenizer(name) if name in TOKENIZERS else name)
     return describe(names)
 
 

@@ -16,7 +16,10 @@ from src.errors import ConfigError
 
 def resolve_device(requested: str, local_rank: int, key: str = "trainer.device") -> torch.device:
     """The device for `requested` (auto | cpu | cuda | cuda:N | mps); ConfigError, naming the config `key`, if
-    this machine has no such device."""
+    this machine has no such device. `cuda` without an index is this rank's GPU, cuda:LOCAL_RANK, as for auto
+    (else every DDP rank would share cuda:0)."""
+    if requested == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if requested != "auto":
         return _available_device(requested, key)
     if torch.cuda.is_available():

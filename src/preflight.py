@@ -53,17 +53,26 @@ def check_inputs(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
         check_tokenizer(ecfg, dcfg.tokenizer)  # HellaSwag on a byte model: now, not after training
     ranks = context_from_env()
     resolve_device(tcfg.device, ranks.local_rank)
-    per_micro_step = tcfg.micro_batch_size * mcfg.block_size * ranks.world_size
-    if tcfg.total_batch_tokens % per_micro_step:
-        nearest = max(1, round(tcfg.total_batch_tokens / per_micro_step)) * per_micro_step
-        raise ConfigError(f"trainer.total_batch_tokens ({tcfg.total_batch_tokens}) must be a multiple of "
-                          f"micro_batch_size x block_size x world_size = {per_micro_step}: e.g. "
-                          f"trainer.total_batch_tokens={nearest}")
+    check_batch_split(tcfg.total_batch_tokens, tcfg.micro_batch_size, mcfg.block_size, ranks.world_size)
     if run_dir is not None:
         check_writable_dir(Path(run_dir), "runs_dir")
     check_data(dcfg)
     if ecfg.hellaswag.enabled and ecfg.hellaswag.path:  # a download (no path) is the trainer's to try
         ensure_hellaswag(ecfg.hellaswag)
+
+
+def check_batch_split(total_batch_tokens: int, micro_batch_size: int | str, block_size: int, world_size: int) -> None:
+    """ConfigError unless micro-batches of `micro_batch_size` sequences on every rank add up to exactly
+    total_batch_tokens. With micro_batch_size=auto, micro-batch 1 must (then every size the search tries does:
+    the powers of two that divide the sequences per rank, src/training/trainer.py)."""
+    auto = micro_batch_size == "auto"
+    per_micro_step = (1 if auto else micro_batch_size) * block_size * world_size
+    if total_batch_tokens % per_micro_step:
+        nearest = max(1, round(total_batch_tokens / per_micro_step)) * per_micro_step
+        what = ("block_size x world_size (trainer.micro_batch_size=auto)" if auto
+                else "micro_batch_size x block_size x world_size")
+        raise ConfigError(f"trainer.total_batch_tokens ({total_batch_tokens}) must be a multiple of "
+                          f"{what} = {per_micro_step}: e.g. trainer.total_batch_tokens={nearest}")
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Submit a sweep file (sweeps/<name>.yaml) as Hydra multirun(s) and report progress until every run ended.
 
     python -m sweeps.run_sweep SWEEP [overrides...] [--dry-run] [--rerun-stale] [--interval S]
-                               [--launcher local [--jobs N]]
+                               [--launcher local [--jobs N]] [--preflight [--preflight-timeout MIN]]
 
 SWEEP is a name in sweeps/ (``grid``, ``tiny``) or a path to a YAML file with the keys ``sweep_name``,
 ``experiment`` (or null), ``launcher`` (``slurm`` | ``local``, i.e. conf/hydra/launcher/<launcher>.yaml),
@@ -24,8 +24,15 @@ the jobs run, a progress line (pending / running / interrupted / finished / fail
 running runs' steps and ETAs) is printed every --interval seconds. Exit status 1 names every run that did not
 finish; 2 is a refusal before anything was submitted (one line on stderr).
 
-The phases, in `sweep`: plan (`plan_sweep`, `show_plan`, `multirun_commands`: every refusal happens here),
-launch (`launch`, the `Multiruns` queue), monitor (`monitor`, `progress_lines`) and report (`report`).
+``--preflight`` (sweeps/preflight.py) first trains every combination to run for 2 steps, one after another in one
+short job with the array's own resources (one SLURM job; with ``--launcher local`` a local process), with the
+same composed configs but for steps, evaluation budget, checkpoints and run dir; only if every one passes is the
+sweep submitted, else a refusal (exit 2) names each failing combination and its error. With ``--dry-run`` it
+shows what the preflight would run and runs nothing.
+
+The phases, in `sweep`: plan (`plan_sweep`, `show_plan`, `multirun_commands`: every refusal happens here), the
+optional preflight (`Preflight.run`: a failure is a refusal too), launch (`launch`, the `Multiruns` queue),
+monitor (`monitor`, `progress_lines`) and report (`report`).
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class Combo:
     run_dir: Path
     fingerprint: str = ""  # config_fingerprint of the composed config, what the job's summary.json will say
     config: dict = field(default_factory=dict, compare=False, repr=False)  # its results_config
+    resolved: dict = field(default_factory=dict, compare=False, repr=False)  # the whole composed config, resolved
 
     @property
     def label(self) -> str:
@@ -178,6 +186,7 @@ def compose_combos(params: dict[str, list[str]], fixed: list[str]) -> tuple[list
     """Every combination composed (Hydra compose API, nothing is trained), and `fixed` with runs_dir absolute."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     import src.schemas  # noqa: F401  (as src.train does)
@@ -192,12 +201,14 @@ def compose_combos(params: dict[str, list[str]], fixed: list[str]) -> tuple[list
             overrides = merge_overrides(task_fixed, [f"{k}={v}" for k, v in pairs])
             try:
                 cfg = compose(config_name="train", overrides=overrides)
-                fingerprint, config = config_fingerprint(cfg), results_config(cfg)
+                resolved = OmegaConf.to_container(cfg, resolve=True)
+                fingerprint, config = config_fingerprint(resolved), results_config(resolved)
             except (HydraException, OmegaConfBaseException, ValueError) as err:  # Hydra raises all three
                 label = " ".join(f"{k}={v}" for k, v in pairs)
                 raise SweepError(f"cannot compose the config of {label or 'the sweep'}: {one_line(err)}") from None
             runs_dir = Path(cfg.runs_dir).absolute()
-            combos.append(Combo(pairs, runs_dir / str(cfg.sweep_name) / str(cfg.run_name), fingerprint, config))
+            combos.append(Combo(pairs, runs_dir / str(cfg.sweep_name) / str(cfg.run_name), fingerprint, config,
+                                resolved))
     dirs = Counter(c.run_dir for c in combos)
     clashes = [str(d) for d, n in dirs.items() if n > 1]
     if clashes:
@@ -531,6 +542,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --launcher local: at most N runs at once, one process each (default: all at once)")
     parser.add_argument("--rerun-stale", action="store_true",
                         help="move the records of finished runs whose config changed to .superseded/ and rerun them")
+    parser.add_argument("--preflight", action="store_true",
+                        help="first train every combination to run for 2 steps, one after another in one short job "
+                             "with the sweep's resources (SLURM, or a local process with --launcher local); submit "
+                             "only if all pass (docs/SWEEPS.md)")
+    parser.add_argument("--preflight-timeout", type=float, metavar="MIN",
+                        help="the preflight job's time limit in minutes (default 15 + 2 per combination)")
     return parser.parse_intermixed_args(argv)
 
 
@@ -544,18 +561,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    """Plan (every refusal, a SweepError, comes before anything is launched), launch, monitor, report."""
+    """Plan (every refusal, a SweepError, comes before anything is launched), with --preflight the preflight
+    (sweeps/preflight.py: a failed one is a refusal too), launch, monitor, report."""
+    if args.preflight_timeout is not None and not args.preflight:
+        raise SweepError("--preflight-timeout sets the time limit of --preflight: give both")
     plan = plan_sweep(args)
     show_plan(plan, args.rerun_stale)
     commands = multirun_commands(plan, args.jobs)
     for command in commands:
         print("  $ " + shlex.join(["python", *command[1:]]), flush=True)
+    preflight = None
+    if args.preflight and commands:
+        from sweeps.preflight import Preflight
+
+        preflight = Preflight(plan, args.jobs, args.preflight_timeout)
+        preflight.show(commands=args.dry_run)
     if args.dry_run or not commands:
         return 0
+    if preflight is not None:
+        preflight.run(args.interval)  # every combination for a few steps in one job; a SweepError unless all pass
     multiruns = launch(plan, commands, args.jobs)
     monitor(plan, multiruns, args.interval)
     return report(plan, multiruns)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module, not this __main__ copy: sweeps.preflight raises sweeps.run_sweep.SweepError
+    from sweeps.run_sweep import main as module_main
+
+    sys.exit(module_main())

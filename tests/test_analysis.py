@@ -211,7 +211,7 @@ def test_seed_warning_is_visible_with_one_seed(local):
 def test_setup_section_reads_config_and_summary(local):
     lines = "\n".join(experiment_setup.setup_lines(tiny_sweep(local)))
     assert "2 layers, 4 heads, width 32, training context L = 32 tokens, vocabulary 50,304" in lines
-    assert "- **Data**: embedded; tokenizer GPT-2 BPE" in lines
+    assert "- **Data**: embedded; tokenizer GPT-2 BPE (tiktoken `gpt2`, 50257 ids)" in lines
     assert "3 steps of 128 tokens (384 tokens seen)" in lines and "linear warm-up over 1 step," in lines
     assert "validation loss on 512 held-out tokens, at the end of training" in lines
     assert "loss at 1×, 2×, 4× L = 32, 64, 128 tokens, 512 tokens each" in lines

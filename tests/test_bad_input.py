@@ -62,6 +62,8 @@ def written(root: Path) -> list[str]:
     (["model.vocab_size=100"], "model.vocab_size=100 cannot hold the gpt2 tokenizer's 50257 ids"),
     (["data=text_file", "data.path={tmp}/program.bin"], "program.bin is not UTF-8 text (byte 0x80 at offset 136)"),
     (["eval.extrapolation.multipliers=[0]"], "eval.extrapolation.multipliers must be whole numbers >= 1"),
+    (["trainer.micro_batch_size=big"], "trainer.micro_batch_size must be positive (a whole number of sequences) or "
+                                       "'auto' (the largest that fits), got 'big'"),
 ])
 def test_train_cli_reports_bad_input_in_one_line_and_writes_nothing(overrides, message, tmp_path, binary_file):
     (tmp_path / "afile").touch()
@@ -113,6 +115,10 @@ def test_prepare_cli_reports_a_binary_file_in_one_line(tmp_path, binary_file):
     (["trainer.eps=0"], "trainer.eps must be positive"),
     (["trainer.max_steps=0"], "trainer.max_steps must be positive"),
     (["trainer.micro_batch_size=0"], "trainer.micro_batch_size must be positive"),
+    (["trainer.micro_batch_size=-1"], "trainer.micro_batch_size must be positive (a whole number of sequences) or "
+                                      "'auto' (the largest that fits), got -1"),
+    (["trainer.micro_batch_size=big"], "trainer.micro_batch_size must be positive (a whole number of sequences) or "
+                                       "'auto' (the largest that fits), got 'big'"),
     (["trainer.log_every=0"], "trainer.log_every must be positive"),
     (["trainer.warmup_steps=-1"], "trainer.warmup_steps must be >= 0"),
     (["trainer.eval_every=-1"], "trainer.eval_every must be >= 0"),
@@ -125,6 +131,9 @@ def test_prepare_cli_reports_a_binary_file_in_one_line(tmp_path, binary_file):
     (["trainer.min_lr_ratio=2"], "trainer.min_lr_ratio (the final lr as a fraction of trainer.lr) must be in [0, 1]"),
     (["trainer.seed=-1"], "trainer.seed must be in [0, 2**32)"),
     (["trainer.total_batch_tokens=1000"], "must be a multiple of micro_batch_size x block_size x world_size = 2048"),
+    (["trainer.micro_batch_size=auto", "trainer.total_batch_tokens=1000"],
+     "must be a multiple of block_size x world_size (trainer.micro_batch_size=auto) = 128: e.g. "
+     "trainer.total_batch_tokens=1024"),
     # trainer: the device against this machine
     pytest.param(["trainer.device=cuda"], "trainer.device=cuda but CUDA is not available on this machine",
                  marks=NO_CUDA),

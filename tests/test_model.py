@@ -133,11 +133,13 @@ def test_linformer_flex_path_matches_the_explicit_one(pe, compiled):
     3.5 chunks so that slots, the partial last chunk and the chunk boundaries are all exercised."""
     device = "cuda" if compiled else "cpu"
     torch.manual_seed(0)
-    model = build_model(tiny_model_cfg(pe, "regular") | {"attention": {"name": "linformer", "chunk_size": 16, "k": 4}})
+    # head dim 16: compiled FlexAttention on CUDA needs at least 16
+    model = build_model(tiny_model_cfg(pe, "regular", n_embd=64)
+                        | {"attention": {"name": "linformer", "chunk_size": 16, "k": 4}})
     model.to(device)
     layer_pe = model.h[0].attn.pe or model.pe
     mechanism = model.h[0].attn.mechanism
-    q, k, v = torch.randn(3, 2, 4, 56, 8, device=device).unbind(0)
+    q, k, v = torch.randn(3, 2, 4, 56, 16, device=device).unbind(0)
     pos = torch.arange(56, device=device)
     with torch.no_grad():
         expected = mechanism(q, k, v, pos, pos, layer_pe)

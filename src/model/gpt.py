@@ -119,6 +119,10 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wte.weight.numel() if non_embedding else n
 
+    def attention_layers(self) -> list[tuple[AttentionMechanism, PositionalEncoding]]:
+        """Each layer's attention mechanism and the PE it attends with (its own, or the shared one)."""
+        return [(block.attn.mechanism, block.attn.pe if block.attn.pe is not None else self.pe) for block in self.h]
+
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)
 

@@ -6,6 +6,7 @@ differs from them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from src.errors import ConfigError
 from src.structured import store_schema
@@ -16,7 +17,10 @@ class TrainerConfig:
     # CPU-friendly defaults: 50 steps x 2048 tokens, a couple of minutes on 2 cores (conf/experiment/ for more)
     max_steps: int = 50
     total_batch_tokens: int = 2048  # tokens per optimiser step over all ranks; micro-batches accumulate to it
-    micro_batch_size: int = 16  # sequences per forward pass per rank
+    # sequences per forward pass per rank, or "auto": the largest power of two that fits in the device's memory,
+    # found at the first step (training/trainer.py). `Any`, as OmegaConf has no int-or-str type: the
+    # value is checked in __post_init__ and is an int or "auto" after it.
+    micro_batch_size: Any = 16
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10
@@ -42,7 +46,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.resume must be 'auto' or 'never', got '{self.resume}'")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"trainer.dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
-        for key in ("max_steps", "total_batch_tokens", "micro_batch_size", "log_every", "lr", "eps"):
+        self.micro_batch_size = _micro_batch_size(self.micro_batch_size)
+        for key in ("max_steps", "total_batch_tokens", "log_every", "lr", "eps"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
         for key in ("warmup_steps", "eval_every", "ckpt_every", "keep_last", "weight_decay", "grad_clip"):
@@ -56,6 +61,25 @@ class TrainerConfig:
                               f"got {self.min_lr_ratio}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"trainer.seed must be in [0, 2**32), numpy's seed range, got {self.seed}")
+
+    @property
+    def auto_micro_batch(self) -> bool:
+        return self.micro_batch_size == AUTO
+
+
+AUTO = "auto"
+
+
+def _micro_batch_size(value: Any) -> int | str:
+    """trainer.micro_batch_size as a positive int or "auto"; a whole number given as a string (an environment
+    interpolation, a quoted YAML value) counts as that number."""
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        value = int(value)
+    if value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    shown = f"'{value}'" if isinstance(value, str) else value
+    raise ConfigError(f"trainer.micro_batch_size must be positive (a whole number of sequences) or 'auto' (the "
+                      f"largest that fits), got {shown}")
 
 
 @dataclass

@@ -5,12 +5,20 @@ with a config from Hydra's compose API. It locks the run dir and hands over to a
 the run, whose methods are its phases: `setup` (data, model, resume, the record's start), then per step
 `train_step`, `log`, `evaluate`, `checkpoint`, and `finish` (the summary, however the attempt ends); `run`
 calls them in that order.
+
+`trainer.micro_batch_size=auto` settles the micro-batch at the end of `setup` (`choose_micro_batch`): the size
+stored in the checkpoint resumed from, else the largest power of two whose first step fits in the device's
+memory. The search tries the first step's forward and backward passes on its real batches, halving the
+micro-batch (and doubling the accumulation, so total_batch_tokens stays exact) on an out-of-memory error, and
+puts the loader, the RNG and the gradients back after each try: the run then goes on exactly as a run with the
+chosen size fixed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import random
@@ -44,7 +52,8 @@ from src.metrics import (
     VAL_LOSS,
 )
 from src.model import build_model, model_config
-from src.preflight import BAD_INPUT, check_inputs
+from src.model.attention import attention_backend
+from src.preflight import BAD_INPUT, check_batch_split, check_inputs
 from src.provenance import provenance
 from src.run_record import RunRecord
 from src.structured import to_dataclass
@@ -61,7 +70,12 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """The run stopped for a reason its record states and the user fixes, not a bug (src.train: one line, exit 1)."""
+
+
+class MicroBatchDoesNotFit(TrainingDiverged):
+    """trainer.micro_batch_size=auto, and not even one sequence per micro-batch fits in the device's memory. A
+    TrainingDiverged for how src.train reports it (one line, exit 1; the summary says failed)."""
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -98,8 +112,11 @@ class TrainingRun:
         self.ecfg = eval_config(cfg.eval)
         self.name, self.tags = run_name_and_tags(cfg)
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
-        # check_inputs made sure the micro-batches divide total_batch_tokens
-        self.grad_accum = tcfg.total_batch_tokens // (tcfg.micro_batch_size * self.mcfg.block_size * dist.world_size)
+        # check_inputs made sure the micro-batches divide total_batch_tokens; with auto, choose_micro_batch sets both
+        self.micro_batch_size: int | None = None if tcfg.auto_micro_batch else tcfg.micro_batch_size
+        self.grad_accum = None if tcfg.auto_micro_batch else self.accumulation(tcfg.micro_batch_size)
+        self.resumed_micro_batch: int | None = None  # the size in the checkpoint resumed from, if it has one
+        self.attention_backend: str | None = None  # the path the training forward's attention takes, once known
         self.autocast = autocast_for(device, tcfg.dtype)
         self.logger = NoLogger()  # rank 0's tracker once setup has built it
         self.num_params: int | None = None  # known once setup has built the model
@@ -126,9 +143,12 @@ class TrainingRun:
         self.started = time.perf_counter()
         bar = tqdm(total=tcfg.max_steps, initial=self.step, desc=self.name, disable=not (tcfg.progress and main),
                    dynamic_ncols=True)
+        first_step = self.step + 1
         try:
             while self.step < tcfg.max_steps and self.stop_signal() is None:
                 loss, norm, lr = self.train_step()
+                if self.step == first_step:
+                    self.recheck_attention_backend()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
                 if main and (self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps):
@@ -173,8 +193,8 @@ class TrainingRun:
             log.warning("trainer.resume=never: the existing run record in %s was moved to %s", self.record.run_dir,
                         moved)
         self.shard_dir = self.prepare_data()
-        self.loader = TokenLoader(self.shard_dir, "train", tcfg.micro_batch_size, self.mcfg.block_size, tcfg.seed,
-                                  self.dist.rank, self.dist.world_size)
+        self.loader = TokenLoader(self.shard_dir, "train", self.micro_batch_size or 1, self.mcfg.block_size,
+                                  tcfg.seed, self.dist.rank, self.dist.world_size)  # auto: its size comes later
         self.model = build_model(self.mcfg).to(self.device)
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.optimizer = build_optimizer(self.model, tcfg, self.device.type)
@@ -191,6 +211,10 @@ class TrainingRun:
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=device_ids)
+        # eagerly, before the first training forward (the search's, compiled with trainer.compile): where a layer
+        # would use FlexAttention, this runs its probe, and a compiled model cannot fall back by itself
+        self.attention_backend = self.training_attention_backend()
+        self.choose_micro_batch()
         self.flops_token = flops_per_token(self.model, self.mcfg.block_size)
         self.peak = peak_flops(self.device)
         if main:
@@ -219,9 +243,114 @@ class TrainingRun:
         self.loader.load_state_dict(state["loader"])
         restore_rng_state(state["rng"])
         self.step = self.last_checkpoint = state["step"]
+        self.resumed_micro_batch = state.get("micro_batch_size")  # absent in checkpoints of earlier versions
         self.elapsed_before = state.get("elapsed_s", 0.0)
         match_thread_count(state.get("num_threads"), self.device)
         log.info("resumed from %s (step %d)", ckpt_dir, self.step)
+
+    def training_attention_backend(self) -> str:
+        """`attention_backend` of the model here, under the training autocast (so for its dtype): "flex", "sdpa",
+        "sdpa+bias-mask", "linformer-dense" or "explicit", FlexAttention's fallback included."""
+        with self.autocast():
+            return attention_backend(self.model, self.device)
+
+    def recheck_attention_backend(self) -> None:
+        """After this attempt's first step: a FlexAttention call that failed in it fell back to the dense path for
+        good, so the summary's attention_backend is updated if it changed (rank 0 writes it)."""
+        backend = self.training_attention_backend()
+        if backend != self.attention_backend:
+            log.warning("the attention backend changed during the first step: %s -> %s", self.attention_backend,
+                        backend)
+            self.attention_backend = backend
+            if self.dist.is_main:
+                self.record.update_summary(attention_backend=backend)
+
+    def choose_micro_batch(self) -> None:
+        """Settle the micro-batch size and the accumulation, and log them in one line: trainer.micro_batch_size if
+        it is a number; with auto, the size of the checkpoint resumed from (if it still divides the batch over
+        this many ranks), else the largest that fits (`find_micro_batch`)."""
+        tcfg, world_size = self.tcfg, self.dist.world_size
+        sequences = tcfg.total_batch_tokens // (self.mcfg.block_size * world_size)  # per rank and step
+        if not tcfg.auto_micro_batch:
+            how = "trainer.micro_batch_size"
+        elif self.resumed_micro_batch and sequences % self.resumed_micro_batch == 0:
+            self.micro_batch_size, how = self.resumed_micro_batch, "auto: the size the resumed checkpoint ran with"
+        else:
+            if self.resumed_micro_batch:
+                log.warning("the checkpoint ran micro-batches of %d sequences, which do not divide the %d per rank "
+                            "and step over %d ranks: searching again", self.resumed_micro_batch, sequences,
+                            world_size)
+            self.micro_batch_size, how = self.find_micro_batch(sequences)
+        self.grad_accum = self.accumulation(self.micro_batch_size)
+        check_batch_split(tcfg.total_batch_tokens, self.micro_batch_size, self.mcfg.block_size, world_size)
+        self.loader.batch_size = self.micro_batch_size
+        if self.dist.is_main:
+            log.info("micro_batch_size %d x grad_accum %d x world_size %d x block_size %d = %d tokens per step (%s)",
+                     self.micro_batch_size, self.grad_accum, world_size, self.mcfg.block_size,
+                     tcfg.total_batch_tokens, how)
+
+    def find_micro_batch(self, sequences: int) -> tuple[int, str]:
+        """The largest of `micro_batch_candidates(sequences)` whose first step fits on every rank, and how it was
+        found; MicroBatchDoesNotFit if not even 1 does."""
+        too_big = []
+        for size in micro_batch_candidates(sequences):
+            if not any_rank_out_of_memory(not self.fits(size), self.dist, self.device):
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)  # the record's peak is training's, not the search's
+                tried = f"; {', '.join(map(str, too_big))} ran out of memory" if too_big else ""
+                return size, f"auto: the largest that fits{tried}"
+            too_big.append(size)
+            if self.dist.is_main and size > 1:
+                log.warning("trainer.micro_batch_size=auto: micro-batch %d ran out of memory on %s%s; trying %d", size,
+                            self.device, " or another rank" if self.dist.enabled else "", size // 2)
+            if self.tcfg.compile:
+                torch._dynamo.reset()  # the next size compiles afresh, static as a run with it fixed, not dynamic
+        ranks = f" on at least one of the {self.dist.world_size} ranks" if self.dist.enabled else ""
+        raise MicroBatchDoesNotFit(
+            f"trainer.micro_batch_size=auto: not even a micro-batch of 1 sequence ({self.mcfg.block_size} tokens) fits "
+            f"in the memory of {self.device}{ranks}: use a smaller model (model.n_layer, model.n_embd) or "
+            f"model.block_size, or a device with more free memory")
+
+    def fits(self, size: int) -> bool:
+        """Whether the first step's forward and backward passes fit in memory at micro-batch `size` on this rank.
+        The loader, the RNG and the gradients are put back as they were and the memory is freed, so the first step
+        then runs exactly as it does with the chosen size fixed."""
+        loader_state, rng = self.loader.state_dict(), rng_state()
+        self.loader.batch_size = size
+        try:
+            self.try_first_step(size)
+            fitted = True
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            fitted = False
+        # the exception is gone with its except clause, and so are the frames that held the activations
+        self.model.zero_grad(set_to_none=True)
+        self.loader.load_state_dict(loader_state)
+        restore_rng_state(rng)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return fitted
+
+    def try_first_step(self, size: int) -> None:
+        """The forward and backward passes of the first step's first two micro-batches at `size` (from the second
+        one on, the gradients are resident during a forward: a step peaks there), with the memory AdamW's moments
+        take from the first update on held, so that a size that fits the first step fits every step. Through the
+        model without its DDP wrapper: the wrapper's collectives (buffer broadcast, gradient all-reduce) would leave
+        the ranks out of step when one fails part-way; the ranks agree on the outcome afterwards."""
+        model = self.train_model.module if isinstance(self.train_model, DistributedDataParallel) else self.train_model
+        accum = self.accumulation(size)
+        moments = optimizer_state_reserve(self.optimizer, self.device)  # noqa: F841 - held while the passes run
+        for _ in range(min(accum, 2)):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+            with self.autocast():
+                _, loss = model(x, y)
+            (loss / accum).backward()
+
+    def accumulation(self, micro_batch_size: int) -> int:
+        """Micro-batches per rank and step at `micro_batch_size`."""
+        return self.tcfg.total_batch_tokens // (micro_batch_size * self.mcfg.block_size * self.dist.world_size)
 
     def fail_setup(self, err: BaseException) -> None:
         """Setup raised: rank 0's summary says so (status failed, or interrupted by a second Ctrl-C), over what an
@@ -301,7 +430,8 @@ class TrainingRun:
         """An atomic checkpoint of the current step (rank 0), unless it is step 0 or already written."""
         if self.dist.is_main and self.step not in (0, self.last_checkpoint):
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-                     "rng": rng_state(), "elapsed_s": self.elapsed(), "num_threads": torch.get_num_threads()}
+                     "rng": rng_state(), "elapsed_s": self.elapsed(), "num_threads": torch.get_num_threads(),
+                     "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum}
             try:
                 save_checkpoint(self.record.checkpoint_dir, self.step, self.model, dataclasses.asdict(self.mcfg),
                                 state, self.tcfg.keep_last)
@@ -339,6 +469,8 @@ class TrainingRun:
             "run_name": self.name, "pe": self.mcfg.pe["name"], "attention": self.mcfg.attention["name"],
             "sweep": self.cfg.get("sweep_name"), "seed": self.tcfg.seed, "num_params": self.num_params,
             "device": str(self.device), "world_size": self.dist.world_size, "max_steps": self.tcfg.max_steps,
+            "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum,  # None until chosen (auto)
+            "attention_backend": self.attention_backend,  # None until setup has built the model
             "wandb_run_id": self.logger.run_id, FINGERPRINT_KEY: config_fingerprint(self.resolved), **provenance(),
         }
 
@@ -353,6 +485,41 @@ class TrainingRun:
 
     def second_sigint(self) -> str:
         return f"stopped by a second SIGINT at step {self.step}; resumes from the last checkpoint"
+
+
+def micro_batch_candidates(sequences: int) -> list[int]:
+    """The micro-batch sizes trainer.micro_batch_size=auto tries, largest first, for `sequences` per rank and step:
+    the powers of two that divide it, i.e. from grad_accum 1 down to micro-batch 1 when `sequences` is a power of
+    two (every recipe here); each halving doubles the accumulation and keeps total_batch_tokens exact."""
+    first = sequences & -sequences  # the largest power of two dividing it
+    return [first >> i for i in range(first.bit_length())]
+
+
+def any_rank_out_of_memory(out_of_memory: bool, dist: DistContext, device: torch.device) -> bool:
+    """Whether this rank or any other ran out of memory (a MAX all-reduce of the flag): every rank takes the same
+    branch, retrying the smaller size or going on, and so they all choose the same micro-batch."""
+    if not dist.enabled:
+        return out_of_memory
+    flag = torch.tensor(float(out_of_memory), device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device out-of-memory error (torch.OutOfMemoryError is torch.cuda.OutOfMemoryError), also as the cause of
+    another (torch.compile raises its errors `from` the original)."""
+    while err is not None and not isinstance(err, torch.OutOfMemoryError):
+        err = err.__cause__
+    return err is not None
+
+
+def optimizer_state_reserve(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor | None:
+    """On an accelerator, before the first update: a block of as many bytes as AdamW's two moments per parameter
+    (in its dtype) will then keep resident. None on CPU, or once the optimizer has its state."""
+    if device.type == "cpu" or optimizer.state:
+        return None
+    nbytes = sum(2 * p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
 def error_line(err: BaseException) -> str:

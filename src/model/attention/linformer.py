@@ -16,8 +16,10 @@ FIRE) is evaluated at that representative position. Keys are rotated (RoPE) at t
 before compression.
 
 When training on CUDA the same rule runs as one FlexAttention call over [all slots; all keys]:
-the block mask skips the future slots and every key outside the query's chunk, so the kernel computes
-about T·(k·T/(2c) + c) scores, fused, instead of T²/2 (flash).
+the block mask (built once, shared by the layers and steps) skips the future slots and every key outside the
+query's chunk, so the kernel computes about T·(k·T/(2c) + c) scores, fused, instead of T²/2 (flash). Where
+FlexAttention is unavailable (see `flex.py`) the explicit path below serves. Training backends
+(`attention_backend`): "flex", "linformer-dense".
 
 With a KV cache (decoding), the queries are the last positions of the cached keys, and the same rule is
 applied by masks over all slots and all cached keys (`_attend_to_cache`): O(T_new · T) per step.
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.model.attention.base import ATTENTION_REGISTRY, AttentionConfig, AttentionMechanism, causal_mask
-from src.model.attention.flex import flex_applies, flex_attention_with_bias
+from src.model.attention.flex import flex_applies, flex_attention_with_bias, flex_or_none, flex_trains
 
 
 @dataclass
@@ -79,11 +81,16 @@ class LinformerAttention(AttentionMechanism):
         slot_pos = first_pos + chunk * c + (c - 1) / 2
         return kc, vc, k_slots, v_slots, slot_pos, chunk
 
+    def training_backend(self, pe, device: torch.device, dtype: torch.dtype) -> str:
+        return "flex" if flex_trains(self.cfg.use_flex, device, dtype, self.dropout) else "linformer-dense"
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
         if q.size(-2) != k.size(-2):
             return self._attend_to_cache(q, k, v, q_pos, k_pos, pe)
         if flex_applies(self.cfg.use_flex, q, self.dropout if self.training else 0.0):
-            return self._flex_forward(q, k, v, q_pos, k_pos, pe)
+            out = flex_or_none(lambda: self._flex_forward(q, k, v, q_pos, k_pos, pe), q)
+            if out is not None:  # None: FlexAttention failed just now; the explicit path below redoes the call
+                return out
         B, H, T, D = q.shape
         c, s = self.cfg.chunk_size, self.cfg.k
         kc, vc, k_slots, v_slots, slot_pos, slot_chunk = self._slots(k, v, k_pos[0])
@@ -123,8 +130,10 @@ class LinformerAttention(AttentionMechanism):
             return earlier_chunk_slot | own_chunk_key
 
         key_pos = torch.cat((slot_pos, k_pos.to(slot_pos.dtype)))
+        # The rule depends on c, k and the length alone (q_pos = k_pos here): one block mask per length.
         return flex_attention_with_bias(q, torch.cat((k_slots, k), dim=2), torch.cat((v_slots, v), dim=2),
-                                        q_pos, key_pos, pe, visible, compiled)
+                                        q_pos, key_pos, pe, visible, compiled,
+                                        mask_key=("linformer", c, self.cfg.k))
 
     def _attend_to_cache(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
         """Queries at the last positions of the cached keys (k_pos = 0..T−1): the same visibility rule."""
