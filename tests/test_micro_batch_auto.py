@@ -29,7 +29,8 @@ from src.structured import to_dataclass
 from src.training import trainer
 from src.training.config import TrainerConfig
 from src.training.distributed import DistContext
-from src.training.trainer import MicroBatchDoesNotFit, any_rank_out_of_memory, micro_batch_candidates, train
+from src.training.micro_batch import any_rank_out_of_memory, micro_batch_candidates
+from src.training.trainer import MicroBatchDoesNotFit, train
 from tests.conftest import ROOT
 from tests.train_helpers import compose_train, next_batch_that_signals, tiny_overrides
 from tests.train_helpers import record_rows as rows
