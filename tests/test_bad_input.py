@@ -240,3 +240,16 @@ def test_only_a_run_dir_without_a_record_is_removed(tmp_path):
     with RunLock(in_use):  # another process's run, just starting
         remove_unused_run_dir(in_use, "train.log")
     assert (in_use / ".hydra").exists()
+
+
+@pytest.mark.parametrize(("requested", "local_rank", "expected"), [
+    ("cuda", 1, "cuda:1"),  # this rank's GPU, as auto (was cuda for every rank: DDP ranks shared cuda:0)
+    ("auto", 1, "cuda:1"),
+    ("cuda:0", 1, "cuda:0"),  # an explicit index is kept
+])
+def test_cuda_means_this_ranks_gpu(requested, local_rank, expected, monkeypatch):
+    from src.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(requested, local_rank) == torch.device(expected)
