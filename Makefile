@@ -83,17 +83,22 @@ sweep-local:  ## the tiny 2x2 grid (SWEEP=tiny) as local processes, no SLURM nee
 	$(PYTHON) -m sweeps.run_sweep $(if $(filter grid,$(SWEEP)),tiny,$(SWEEP)) --launcher local $(SWEEP_PREFLIGHT) $(ARGS)
 
 # ---------------------------------------------------------------------------------------------- the CPU study
-# make study [SEEDS=3] [STUDY_JOBS=2] [STUDY_RUNS=outputs] [ARGS="more overrides"]: sweeps/study_cpu.yaml (7 PEs x 3
-# attentions, toy scale, bytes) as local processes, STUDY_JOBS at a time with one torch thread each, then the report.
+# make study [SEEDS=3] [STUDY_JOBS=2] [STUDY_RUNS=outputs] [ARGS="more overrides"]: sweeps/study_cpu.yaml (every PE x
+# attention, toy scale, bytes) as local processes, STUDY_JOBS at a time with one torch thread each; then every RoPE
+# checkpoint evaluated again with each STUDY_VARIANTS setting (inference-time context extension, no retraining:
+# records in <run>/variants/), one Hydra multirun axis per checkpoint; then the report.
 SEEDS ?= 1
 STUDY_JOBS ?= 2
 STUDY_RUNS ?= outputs
+STUDY_VARIANTS ?= +model.pe.scaling.type=linear,ntk,yarn +model.pe.scaling.factor=4
 .PHONY: study
 
 study:  ## the CPU study of sweeps/study_cpu.yaml (every PE x attention) into outputs/study_cpu/, then its report (SEEDS=3: seeds 0-2)
 	@case "$(SEEDS)" in ''|*[!0-9]*|0) echo "make study: SEEDS must be a positive integer, got '$(SEEDS)'" >&2; exit 2;; esac
 	OMP_NUM_THREADS=1 $(PYTHON) -m sweeps.run_sweep study_cpu --launcher local --jobs $(STUDY_JOBS) $(SWEEP_PREFLIGHT) \
 		runs_dir=$(STUDY_RUNS) trainer.seed=$$(seq -s, 0 $$(($(SEEDS) - 1))) $(ARGS)
+	find $(STUDY_RUNS)/study_cpu -mindepth 1 -maxdepth 1 -name 'rope-*' -type d | sort | xargs -r -P $(STUDY_JOBS) -I{} \
+		env OMP_NUM_THREADS=1 $(PYTHON) -m src.eval -m ckpt={} eval=study_cpu device=cpu $(STUDY_VARIANTS)
 	$(PYTHON) -m analysis.compare --runs $(STUDY_RUNS)/study_cpu --out $(STUDY_RUNS)/study_cpu/report
 
 # ---------------------------------------------------------------------------------------------- analysis

@@ -8,7 +8,10 @@ Conventions shared by every figure: colour and order = PE, line style / hatch / 
 their mean with a 95 % CI band or error bar (Student's t, as in the tables); a combination with no finished
 run is drawn faded and marked with its status ("(failed)", "(running)"); a missing value is written "n/a"
 rather than drawn as zero, and a panel that would hold nothing at all is not drawn. Figures pool sweeps:
-select one with `--group`.
+select one with `--group`. An inference-time variant (`rope+yarn×4`) is a PE of its own, in a shade of its
+base PE's colour; it has no training history, so the training figures (loss curves, throughput) lack it.
+The figures read from eval_details.json (loss by position, bias by distance, attention statistics) are in
+analysis/positions.py.
 
 Figures are built with the object API (`Figure()`, no pyplot): no global backend or figure registry, so
 nothing needs a display and nothing leaks; saving renders with Agg (PNG) and the PDF backend.
@@ -28,6 +31,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter
 
 from analysis import metrics
+from analysis.sources import is_variant
 from analysis.stats import t_quantile
 from analysis.style import (
     ATTENTION_ORDER,
@@ -39,9 +43,17 @@ from analysis.style import (
     ordered,
     pe_color,
 )
-from analysis.tables import LIMIT, cannot_run_text, combination_table, na_reason, table_metrics, with_deltas
+from analysis.tables import (
+    LIMIT,
+    cannot_run_text,
+    combination_table,
+    na_reason,
+    stride_text,
+    table_metrics,
+    with_deltas,
+)
 from src import metrics as run_metrics
-from src.metrics import HELLASWAG_ACC_NORM, extrapolation_context_key, extrapolation_loss_key
+from src.metrics import HELLASWAG_ACC_NORM, extrapolation_context_key, extrapolation_loss_key, sliding_loss_key
 
 FORMATS = ("png", "pdf")
 DPI = 150
@@ -84,6 +96,13 @@ def _combinations(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _pes_and_attentions(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
     return ordered(runs["pe"], PE_ORDER), ordered(runs["attention"], ATTENTION_ORDER)
+
+
+def trained_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that trained (inference-time variants left out: they have no training history or cost), or
+    all of them when there are only variants."""
+    trained = runs[~is_variant(runs["pe"])]
+    return trained if len(trained) else runs
 
 
 def _legend(fig: Figure, pes: list[str], attentions: list[str], style: str, statuses: set[str] = frozenset(),
@@ -132,7 +151,9 @@ def evaluation_counts(runs: pd.DataFrame, history: pd.DataFrame, metric: str = r
 def loss_curves(runs: pd.DataFrame, history: pd.DataFrame, x: str = run_metrics.TOKENS,
                 metric: str = run_metrics.TRAIN_LOSS) -> Figure:
     """`metric` (training or validation loss) against tokens or wall-clock time, one panel per attention
-    mechanism, one curve per PE (finished seeds as one mean curve with its CI band)."""
+    mechanism, one curve per PE (finished seeds as one mean curve with its CI band). Inference-time variants
+    have no history and are not drawn (nor listed)."""
+    runs = trained_runs(runs)
     pes, attentions = _pes_and_attentions(runs)
     sparse = metric != run_metrics.TRAIN_LOSS  # evaluations are few: points with error bars
     fig = Figure(figsize=(4.2 * len(attentions) + 2.5, 3.4), layout="constrained")
@@ -190,7 +211,9 @@ def _draw_curve(ax, curve: pd.DataFrame, pe: str, attention: str, sparse: bool, 
 
 def validation_curves(runs: pd.DataFrame, history: pd.DataFrame) -> Drawn:
     """Validation loss vs tokens from the runs evaluated at least MIN_EVALUATIONS times; the others are left
-    out (a single final evaluation is a point, not a curve: the extrapolation figure and the tables have it)."""
+    out (a single final evaluation is a point, not a curve: the extrapolation figure and the tables have it).
+    Inference-time variants have no history: not drawn, not counted."""
+    runs = trained_runs(runs)
     counts = runs["run_id"].map(evaluation_counts(runs, history))
     curved, single = runs[counts >= MIN_EVALUATIONS], runs[counts < MIN_EVALUATIONS]
     at_end_only = (single["trainer.eval_every"] == 0).all()
@@ -232,7 +255,9 @@ EFFICIENCY_PANELS = [(run_metrics.TOKENS_PER_S, 1.0), (run_metrics.PEAK_MEM, 1.0
 
 def efficiency_bars(runs: pd.DataFrame) -> Drawn:
     """Throughput (median tokens/s), peak memory (GPU max allocated; CPU peak RSS) and MFU per combination,
-    one panel each, stacked over shared x labels; a metric no run has (MFU on CPU) gets no panel."""
+    one panel each, stacked over shared x labels; a metric no run has (MFU on CPU) gets no panel. Trained
+    runs only (an inference-time variant trained nothing)."""
+    runs = trained_runs(runs)
     combos = _combinations(runs)
     panels = [(m, scale) for m, scale in EFFICIENCY_PANELS if combos[f"{m} mean"].notna().any()]
     notes = [f"{run_metrics.label(m)} panel left out: {na_reason(m, runs)}" for m, _ in EFFICIENCY_PANELS
@@ -296,17 +321,20 @@ def _training_context(runs: pd.DataFrame) -> float | None:
 
 
 def extrapolation_curves(runs: pd.DataFrame) -> Figure:
-    """Final validation loss (top row) and its change vs 1x of the same run (bottom row, when 1x was
+    """Final validation loss in non-overlapping windows (top row), the sliding-window loss (next row, when some
+    run has one) and the change of the non-overlapping loss vs 1x of the same run (bottom row, when 1x was
     evaluated) against the evaluation context length, one column per attention. The training context L is a
     dashed line; the x axis is in tokens (bottom) and ×L (top) when all runs share one L, else in ×L. A PE
     that cannot run past some length (learned past 1x) ends in a large X marker with a note; lengths it
     cannot run are not drawn."""
     pes, attentions = _pes_and_attentions(runs)
     multipliers = run_metrics.extrapolation_multipliers(runs.columns)
+    sliding = [m for m in run_metrics.sliding_multipliers(runs.columns) if runs[sliding_loss_key(m)].notna().any()]
+    ticks = sorted(set(multipliers) | set(sliding))
     combos = _combinations(runs)
     length = _training_context(runs)
     # the Δ row needs the 1x loss to subtract
-    views = (False, True) if 1 in multipliers else (False,)
+    views = ["loss"] + (["sliding"] if sliding else []) + (["delta"] if 1 in multipliers else [])
     fig = Figure(figsize=(4.4 * len(attentions) + 2.8, 3.2 * len(views)), layout="constrained")
     axes = fig.subplots(len(views), len(attentions), squeeze=False, sharex=True, sharey="row")
     statuses, banded, limited = set(), False, False
@@ -316,13 +344,15 @@ def extrapolation_curves(runs: pd.DataFrame) -> Figure:
         dodge = 2.0 ** (DODGE_OCTAVES * (np.arange(len(panel)) - (len(panel) - 1) / 2))
         if not (combos["n"] > 1).any():
             dodge[:] = 1.0
-        for row, delta in enumerate(views):
-            ax = axes[row][col]
+        for row, view in enumerate(views):
+            ax, delta = axes[row][col], view == "delta"
+            key = {"loss": extrapolation_loss_key, "sliding": sliding_loss_key,
+                   "delta": run_metrics.extrapolation_delta_key}[view]
             for combo, shift in zip(panel, dodge):
-                key = run_metrics.extrapolation_delta_key if delta else extrapolation_loss_key
                 points = [((m * length if length else m) * shift,
                            0.0 if delta and m == 1 else combo.get(f"{key(m)} mean", np.nan),
-                           np.nan if delta and m == 1 else combo.get(f"{key(m)} ci95", np.nan)) for m in multipliers]
+                           np.nan if delta and m == 1 else combo.get(f"{key(m)} ci95", np.nan))
+                          for m in (sliding if view == "sliding" else multipliers)]
                 points = [p for p in points if np.isfinite(p[1])]
                 if not points:
                     continue
@@ -344,11 +374,15 @@ def extrapolation_curves(runs: pd.DataFrame) -> Figure:
                     statuses.add(combo["unfinished"])
                     ax.annotate(f"{combo['pe']} ({combo['unfinished']})", (x[-1], y[-1]), fontsize="x-small",
                                 textcoords="offset points", xytext=(4, 4), color=color)
-            _extrapolation_axes(ax, multipliers, length, top=row == 0, bottom=row == len(views) - 1)
+            _extrapolation_axes(ax, ticks, length, top=row == 0, bottom=row == len(views) - 1)
             if row == 0:
                 ax.set_title(f"attention: {attention}")
             if col == 0:
-                ax.set_ylabel("Δ loss vs 1× (nats)" if delta else run_metrics.label(run_metrics.VAL_LOSS))
+                ax.set_ylabel({"delta": "Δ loss vs 1× (nats)\nnon-overlapping windows" if sliding else
+                               "Δ loss vs 1× (nats)",
+                               "loss": "validation loss (nats)\nnon-overlapping windows" if sliding else
+                               run_metrics.label(run_metrics.VAL_LOSS),
+                               "sliding": f"sliding-window loss (nats)\n({stride_text(runs)})"}[view])
             if delta:
                 ax.axhline(0.0, color="grey", linewidth=0.8)
     extra = [Line2D([], [], color="grey", linestyle="--", label="training context L")]
@@ -363,6 +397,7 @@ def _extrapolation_axes(ax, multipliers: list[int], length: float | None, top: b
     if not ax.has_data():
         ax.text(0.5, 0.5, NA_TEXT, transform=ax.transAxes, ha="center", va="center", color="grey")
     ax.set_xscale("log", base=2)
+    ax.ticklabel_format(axis="y", useOffset=False)  # "10.66", not "0.005" under "+1.066e1"
     ticks = [m * length for m in multipliers] if length else multipliers
     ax.set_xticks(ticks, [f"{t:.0f}" if length else f"{t}×" for t in ticks])
     ax.minorticks_off()
@@ -376,8 +411,10 @@ def _extrapolation_axes(ax, multipliers: list[int], length: float | None, top: b
         secondary.minorticks_off()
 
 
-def all_figures(runs: pd.DataFrame, history: pd.DataFrame) -> dict[str, Drawn]:
-    """Every figure of the report, by file stem: drawn, or None with the reason."""
+def all_figures(runs: pd.DataFrame, history: pd.DataFrame, details: dict[str, dict] | None = None) -> dict[str, Drawn]:
+    """Every figure of the report, by file stem: drawn, or None with the reason. `details`: run_id -> its
+    eval_details.json (analysis/sources.py `Tables.details`), for the figures of analysis/positions.py."""
+    from analysis import positions  # it draws with this module's helpers
     drawn = {
         "loss_vs_tokens": Drawn(loss_curves(runs, history, run_metrics.TOKENS)),
         "val_loss_vs_tokens": validation_curves(runs, history),
@@ -393,4 +430,4 @@ def all_figures(runs: pd.DataFrame, history: pd.DataFrame) -> dict[str, Drawn]:
     else:
         drawn["extrapolation"] = Drawn(None, ["Length-extrapolation figure omitted: no run was evaluated at "
                                               "another context length"])
-    return drawn
+    return drawn | positions.position_figures(runs, details or {})

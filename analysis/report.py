@@ -10,7 +10,7 @@ import pandas as pd
 
 from analysis.experiment_setup import setup_lines
 from analysis.figures import all_figures, save_figure
-from analysis.sources import Tables
+from analysis.sources import Tables, is_variant
 from analysis.stats import CI_TEXT
 from analysis.tables import (
     PaperTable,
@@ -30,6 +30,20 @@ FIGURE_TITLES = {
     "efficiency": "Throughput and memory",
     "hellaswag_acc_norm": "HellaSwag acc_norm",
     "extrapolation": "Length extrapolation",
+    "loss_by_position": "Loss by token position",
+    "bias_by_distance": "Attention bias by distance",
+    "attention_stats": "Attention entropy and distance by layer",
+}
+# One line under a figure on how to read it (figures whose axes do not say it all).
+FIGURE_HINTS = {
+    "loss_by_position": "Reading: left of the dashed line the model sees no more context than in training; a "
+                        "curve that climbs right of it is a PE failing on positions it never saw, one that keeps "
+                        "falling uses the longer context.",
+    "bias_by_distance": "Reading: what the PE adds to each attention logit at distance q − k; a steep fall means a "
+                        "strong recency bias (ALiBi's slopes), a curve that flattens lets far tokens compete.",
+    "attention_stats": "Reading: low entropy / short distance = sharp, local attention; if the long-context "
+                       "(dashed) values rise far above the 1× ones, attention spreads over positions it was not "
+                       "trained on.",
 }
 WARNING = "> ⚠️ "
 
@@ -78,9 +92,13 @@ def write_report(tables: Tables, out_dir: Path, sources: list[str]) -> Path:
     paper = [loss_table(runs), efficiency_table(runs)]
     paper_paths = [write_paper_table(table, out_dir) for table in paper]
 
+    variants = int(is_variant(runs["pe"]).sum())
+    what = "an inference-time variant record" if variants == 1 else "inference-time variant records"
+    of_which = (f"; {variants} of them {what} (`variants/<name>/`: a run's checkpoint evaluated with another PE "
+                "setting)") if variants else ""
     lines = [
         "# pegrid: PE × attention comparison", "",
-        f"Sources: {', '.join(sources)}. {len(runs)} runs ({status_counts(runs['status'])}).", "",
+        f"Sources: {', '.join(sources)}. {len(runs)} runs ({status_counts(runs['status'])}{of_which}).", "",
         *warnings(paper[0]),
         "## Set-up", "", *setup_lines(runs), "",
         "## Results", "",
@@ -92,12 +110,14 @@ def write_report(tables: Tables, out_dir: Path, sources: list[str]) -> Path:
               "Colour = PE, line style / hatch = attention, the same in every figure; several seeds: mean with "
               f"its {CI_TEXT}.", ""]
     figure_dir = out_dir / "figures"
-    for stem, drawn in all_figures(runs, tables.history).items():
+    for stem, drawn in all_figures(runs, tables.history, tables.details).items():
         if drawn.figure is None:
             lines += [f"*{drawn.notes[0]}.*", ""]
             continue
         png, pdf = (p.relative_to(out_dir).as_posix() for p in save_figure(drawn.figure, figure_dir, stem))
         lines += [f"### {FIGURE_TITLES[stem]}", "", f"![{FIGURE_TITLES[stem]}]({png})", "", f"PDF: [{pdf}]({pdf})", ""]
+        if stem in FIGURE_HINTS:
+            lines += [FIGURE_HINTS[stem], ""]
         lines += [f"*{note}.*" for note in drawn.notes]
         if drawn.notes:
             lines.append("")

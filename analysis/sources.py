@@ -9,17 +9,26 @@
 - `history`: one row per (run_id, step), one float column per logged metric (the metric names of the run
   record, README "Run record"); a training row and an evaluation row logged at the same step are merged.
 
+- `details`: run_id -> the run's parsed eval_details.json (loss by token position, the PE's bias by distance,
+  attention statistics; src/eval/details.py), for the local runs that have one; W&B runs have none.
+
 `run_id` is unique: a local run's is its run dir, a W&B run's `entity/project/id`. `name` may repeat (two
 sweeps, two seeds with a hand-set run_name, a local copy of a W&B run), so `label` is the name made unique
 with the run id and is what figures and tables show.
+
+An inference-time variant record (`<run dir>/variants/<variant>/`, its summary's `pe_variant` set, e.g.
+"yarn×4") is a run of its own whose `pe` is `rope+yarn×4` (src/metrics.py `variant_pe_name`) and whose name is
+`<run name> [yarn×4]`: every table and figure shows it as a PE of its own. It has no training history.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +36,8 @@ import pandas as pd
 import yaml
 
 from analysis.metrics import SUMMARY_METRICS
-from src.run_record import RunRecord
+from src.metrics import PE_VARIANT, base_pe_name, variant_pe_name
+from src.run_record import DETAILS_FILE, RunRecord
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
@@ -48,7 +58,7 @@ SETUP_NUMERIC = SETUP_CONFIG_NUMERIC + SETUP_SUMMARY_NUMERIC
 SETUP_TEXT = SETUP_CONFIG_TEXT + SETUP_SUMMARY_TEXT
 SETUP_COLUMNS = SETUP_NUMERIC + SETUP_TEXT
 # Summary keys that describe the run rather than measure it; everything else numeric is a final metric.
-_NOT_METRICS = {"run_name", "max_steps", "wandb_run_id", *RUN_COLUMNS, *SETUP_COLUMNS} - {"tokens"}
+_NOT_METRICS = {"run_name", "max_steps", "wandb_run_id", PE_VARIANT, *RUN_COLUMNS, *SETUP_COLUMNS} - {"tokens"}
 # W&B run states -> the run record's status vocabulary (a crashed or killed run failed).
 _WANDB_STATES = {"finished": "finished", "running": "running", "pending": "running", "preempted": "running",
                  "crashed": "failed", "failed": "failed", "killed": "failed"}
@@ -63,6 +73,12 @@ class WandbUnavailable(RuntimeError):
 class Tables:
     runs: pd.DataFrame
     history: pd.DataFrame
+    details: dict[str, dict] = field(default_factory=dict)  # run_id -> parsed eval_details.json
+
+
+def is_variant(pes: pd.Series) -> pd.Series:
+    """Which of these PE names are inference-time variants (`rope+yarn×4`), not trained PEs."""
+    return pes.map(lambda pe: isinstance(pe, str) and base_pe_name(pe) != pe).astype(bool)
 
 
 def nested_get(mapping: dict, dotted_key: str) -> Any:
@@ -186,8 +202,10 @@ def combine(tables: list[Tables], sweep: str | None = None) -> Tables:
         raise ValueError(f"the same run was loaded twice: {sorted(runs['run_id'][runs['run_id'].duplicated()])}")
     duplicated = runs["name"].duplicated(keep=False)
     runs["label"] = runs["name"].where(~duplicated, runs["name"] + " [" + runs["run_id"] + "]")
+    kept = set(runs["run_id"])
+    details = {run_id: d for t in tables for run_id, d in t.details.items() if run_id in kept}
     return Tables(runs.sort_values(["sweep", "pe", "attention", "seed", "run_id"], na_position="last",
-                                   ignore_index=True), history)
+                                   ignore_index=True), history, details)
 
 
 # ------------------------------------------------------------------------------------------------ local
@@ -218,16 +236,36 @@ def _display_path(path: Path) -> str:
         return path.as_posix()
 
 
+def read_details(run_dir: Path) -> dict | None:
+    """The run's eval_details.json, None when it has none; an unreadable or malformed one is skipped with a
+    warning (the report is drawn without it)."""
+    path = run_dir / DETAILS_FILE
+    if not path.exists():
+        return None
+    try:
+        details = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        warnings.warn(f"{_display_path(path)}: unreadable ({type(err).__name__}: {err}), skipped", stacklevel=2)
+        return None
+    if not isinstance(details, dict):
+        warnings.warn(f"{_display_path(path)}: not a JSON object, skipped", stacklevel=2)
+        return None
+    return details
+
+
 def load_local_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     record = RunRecord(run_dir)
     summary = record.read_summary()
     config = _read_config(run_dir / CONFIG_FILE)
     run_id = _display_path(run_dir)
     history = history_frame(run_id, record.read_metrics())
+    variant = summary.get(PE_VARIANT) or None  # an inference-time variant record (variants/<variant>/)
+    name = _first_present(summary.get("run_name"), config.get("run_name"), run_dir.name)
+    pe = _first_present(summary.get("pe"), nested_get(config, "model.pe.name"))
     identity = {
         "run_id": run_id,
-        "name": _first_present(summary.get("run_name"), config.get("run_name"), run_dir.name),
-        "pe": _first_present(summary.get("pe"), nested_get(config, "model.pe.name")),
+        "name": f"{name} [{variant}]" if variant else name,
+        "pe": variant_pe_name(pe, str(variant)) if variant and pe else pe,
         "attention": _first_present(summary.get("attention"), nested_get(config, "model.attention.name")),
         "seed": _first_present(summary.get("seed"), nested_get(config, "trainer.seed")),
         "sweep": _first_present(summary.get("sweep"), config.get("sweep_name")),
@@ -244,7 +282,9 @@ def load_local(roots: Iterable[str | Path]) -> Tables:
     """All run records found (recursively) under the given directories."""
     run_dirs = sorted({d for root in roots for d in find_run_dirs(Path(root))})
     loaded = [load_local_run(d) for d in run_dirs]
-    return Tables(runs_frame([row for row, _ in loaded]), concat_histories(h for _, h in loaded))
+    details = {row["run_id"]: d for (row, _), run_dir in zip(loaded, run_dirs)
+               if (d := read_details(run_dir)) is not None}
+    return Tables(runs_frame([row for row, _ in loaded]), concat_histories(h for _, h in loaded), details)
 
 
 # ------------------------------------------------------------------------------------------------ W&B

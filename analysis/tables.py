@@ -8,7 +8,12 @@ has finished are its running or failed runs used, and its `status` always counts
 
 Paper tables: the best value per column is bold (among finished combinations, when at least two have one);
 a column that is n/a for every combination is dropped, and the table says why in one line; a length a PE
-cannot run (learned past 1x) reads "cannot run past 1×", never n/a or a number.
+cannot run (learned past 1x) reads "cannot run past 1×", never n/a or a number. Sliding-window losses
+(`extrapolation/sliding_loss_x{m}`) are columns of their own, headed "sliding m×" with their stride (in the
+caption when every run shares one); the Δ columns are of the non-overlapping losses.
+
+Inference-time variants (`rope+yarn×4`, analysis/sources.py) are rows of their own, except in the training-cost
+table: they are evaluations of a run's checkpoint and trained nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import metrics
-from analysis.sources import STATUSES
+from analysis.sources import STATUSES, is_variant
 from analysis.stats import CI_TEXT, mean_ci
 from analysis.style import ATTENTION_ORDER, PE_ORDER, ordered
 from src import metrics as run_metrics
@@ -45,10 +50,33 @@ IDENTITY_HEADERS = {"sweep": "sweep", "pe": "PE", "attention": "attention", "n":
 
 
 def table_metrics(runs: pd.DataFrame) -> list[str]:
-    """The metrics the reference tables show: the fixed set (n/a where absent), extrapolation losses after
-    val/loss."""
+    """The metrics the reference tables show: the fixed set (n/a where absent), extrapolation losses
+    (non-overlapping, then sliding-window) after val/loss."""
     extrapolation = [run_metrics.extrapolation_loss_key(m) for m in run_metrics.extrapolation_multipliers(runs.columns)]
+    extrapolation += [run_metrics.sliding_loss_key(m) for m in run_metrics.sliding_multipliers(runs.columns)]
     return metrics.SUMMARY_METRICS[:1] + extrapolation + metrics.SUMMARY_METRICS[1:]
+
+
+def _format_strides(strides) -> str:
+    return "/".join(f"{s:,.0f}" for s in sorted(strides))
+
+
+def sliding_strides(runs: pd.DataFrame, metric: str | None = None) -> list[float]:
+    """The strides (tokens, `extrapolation/stride`) of the runs with a sliding-window loss (`metric`, default:
+    any), ascending; empty when none recorded one."""
+    keys = [metric] if metric else [
+        run_metrics.sliding_loss_key(m) for m in run_metrics.sliding_multipliers(runs.columns)]
+    keys = [k for k in keys if k in runs]
+    if not keys or run_metrics.EXTRAPOLATION_STRIDE not in runs:
+        return []
+    scored = runs[keys].notna().any(axis=1)
+    return sorted(float(s) for s in runs.loc[scored, run_metrics.EXTRAPOLATION_STRIDE].dropna().unique())
+
+
+def stride_text(runs: pd.DataFrame, metric: str | None = None) -> str:
+    """"stride 32" (tokens), "stride 32/64" when the runs differ, "stride not recorded" when none says."""
+    strides = sliding_strides(runs, metric)
+    return f"stride {_format_strides(strides)}" if strides else "stride not recorded"
 
 
 def with_deltas(runs: pd.DataFrame) -> pd.DataFrame:
@@ -134,6 +162,7 @@ class PaperTable:
     identity: list[str]  # the identity columns shown ("pe", "attention", "n", ...)
     dropped: list[str] = field(default_factory=list)  # "<what>: <why>", one per dropped column
     constant: list[str] = field(default_factory=list)  # "attention: regular": a column with one value, said once
+    headers: dict[str, tuple[str, str]] = field(default_factory=dict)  # metric -> (Markdown, LaTeX) header
 
 
 def _is_cannot_run(row: dict, metric: str) -> bool:
@@ -200,21 +229,27 @@ def na_reason(metric: str, runs: pd.DataFrame) -> str:
         if len(devices) and devices.str.startswith("cpu").all():
             return "null off-GPU (the runs trained on the CPU)"
         return "null for every run (no known peak FLOP/s for its device)"
+    if run_metrics.is_sliding_loss(metric):
+        return "no run has a sliding-window loss at this length"
     if run_metrics.extrapolation_multiplier(metric) is not None:
         return "no run has an extrapolation loss at this length"
     return "no run logged it"
 
 
-def paper_table(runs: pd.DataFrame, stem: str, title: str, caption: str, shown: list[str]) -> PaperTable:
+def paper_table(runs: pd.DataFrame, stem: str, title: str, caption: str, shown: list[str],
+                headers: dict[str, tuple[str, str]] | None = None) -> PaperTable:
     """A paper table of `shown` metrics; columns that are n/a everywhere dropped (with their reason), an
-    identity column with a single value (one sweep, one attention) said once instead of repeated."""
+    identity column with a single value (one sweep, one attention) said once instead of repeated. `headers`:
+    metric -> (Markdown, LaTeX) header, where HEADERS / the label does not fit."""
+    headers = headers or {}
     frame = combination_table(runs, shown)
     kept, dropped, rows = [], [], frame.to_dict("records")
     for metric in shown:
         if any(np.isfinite(r[f"{metric} mean"]) or _is_cannot_run(r, metric) for r in rows):
             kept.append(metric)
         else:
-            dropped.append(f"{HEADERS.get(metric, (run_metrics.label(metric),))[0]}: {na_reason(metric, runs)}")
+            name = headers.get(metric, HEADERS.get(metric, (run_metrics.label(metric),)))[0]
+            dropped.append(f"{name}: {na_reason(metric, runs)}")
     identity, constant = [], []
     for column in ["sweep", "pe", "attention"]:
         values = frame[column].dropna().unique()
@@ -225,7 +260,7 @@ def paper_table(runs: pd.DataFrame, stem: str, title: str, caption: str, shown: 
     identity.append("n")
     if (frame["status"] != frame["runs"].map(lambda r: f"{r} finished")).any():
         identity.append("status")
-    return PaperTable(stem, title, caption, frame, kept, identity, dropped, constant)
+    return PaperTable(stem, title, caption, frame, kept, identity, dropped, constant, headers)
 
 
 def full_caption(table: PaperTable) -> str:
@@ -233,7 +268,9 @@ def full_caption(table: PaperTable) -> str:
     return table.caption + "".join(f" {c[0].upper()}{c[1:]} for every run." for c in table.constant)
 
 
-def _header(metric: str, latex: bool) -> str:
+def _header(metric: str, latex: bool, headers: dict[str, tuple[str, str]] | None = None) -> str:
+    if headers and metric in headers:
+        return headers[metric][1 if latex else 0]
     if run_metrics.is_delta(metric):
         m = run_metrics.extrapolation_multiplier(metric)
         return f"$\\Delta$ {m}$\\times$" if latex else f"Δ {m}×"
@@ -241,15 +278,29 @@ def _header(metric: str, latex: bool) -> str:
 
 
 def loss_table(runs: pd.DataFrame) -> PaperTable:
-    """Table 1: validation loss, Δ loss at each longer context vs 1x, HellaSwag acc_norm."""
+    """Table 1: validation loss, Δ loss at each longer context vs 1x (non-overlapping windows), the
+    sliding-window loss at each context that has one, HellaSwag acc_norm."""
     runs = with_deltas(runs)
     multipliers = run_metrics.extrapolation_multipliers(runs.columns)
     deltas = [run_metrics.extrapolation_delta_key(m) for m in multipliers if m != 1]
+    sliding = [run_metrics.sliding_loss_key(m) for m in run_metrics.sliding_multipliers(runs.columns)]
+    one_stride = len(sliding_strides(runs)) <= 1  # one stride (or none recorded): said once, in the caption
+    headers = {}
+    for metric in sliding:
+        m = run_metrics.extrapolation_multiplier(metric)
+        suffix = "" if one_stride else f" ({stride_text(runs, metric)})"
+        headers[metric] = (f"sliding {m}×{suffix}", f"sliding {m}$\\times${latex_escape(suffix)}")
     caption = (f"Validation loss (nats) at the training context L, and Δ m× = loss at m·L − loss at L of the "
-               f"same run (nats; lower = better extrapolation). Mean ± {CI_TEXT} over n seeds; best per column "
-               "in bold.")
+               f"same run (nats; lower = better extrapolation), both in non-overlapping windows. Mean ± {CI_TEXT} "
+               "over n seeds; best per column in bold.")
     table = paper_table(runs, "table_loss", "Validation loss and length extrapolation", caption,
-                        [run_metrics.VAL_LOSS, *deltas, run_metrics.HELLASWAG_ACC_NORM])
+                        [run_metrics.VAL_LOSS, *deltas, *sliding, run_metrics.HELLASWAG_ACC_NORM], headers)
+    if any(run_metrics.is_sliding_loss(m) for m in table.columns):
+        strides = sliding_strides(runs)
+        stride = (f"S = {_format_strides(strides)} tokens" if strides else "S tokens (not recorded)") if one_stride \
+            else "S tokens (in each header)"
+        table.caption += (f" Sliding m× = loss at m·L (nats) scored in sliding windows of m·L tokens moved by "
+                          f"{stride}: every scored token has at least m·L − S tokens of context.")
     if run_metrics.HELLASWAG_ACC_NORM in table.columns:
         table.caption += " HellaSwag acc_norm: fraction of items correct (higher is better)."
     return table
@@ -264,15 +315,21 @@ EFFICIENCY_CAPTIONS = {
 
 
 def efficiency_table(runs: pd.DataFrame) -> PaperTable:
-    """Table 2: training throughput (median tokens/s), peak memory, MFU, training wall-clock time."""
-    table = paper_table(runs, "table_efficiency", "Throughput and memory", "", list(EFFICIENCY_CAPTIONS))
+    """Table 2: training throughput (median tokens/s), peak memory, MFU, training wall-clock time; of the
+    trained runs only (an inference-time variant trained nothing: it is left out, and the caption says so)."""
+    variants = is_variant(runs["pe"])
+    table = paper_table(runs[~variants] if (~variants).any() else runs, "table_efficiency", "Throughput and memory",
+                        "", list(EFFICIENCY_CAPTIONS))
     table.caption = (f"Training cost: {', '.join(EFFICIENCY_CAPTIONS[m] for m in table.columns)}. Mean ± "
                      f"{CI_TEXT} over n seeds; best per column in bold.")  # only the columns kept
+    if variants.any() and (~variants).any():
+        names = ", ".join(ordered(runs.loc[variants, "pe"], PE_ORDER))
+        table.caption += f" Inference-time variants ({names}) are left out: they trained nothing."
     return table
 
 
 def paper_markdown(table: PaperTable) -> str:
-    header = [IDENTITY_HEADERS[c] for c in table.identity] + [_header(m, latex=False) for m in table.columns]
+    header = [IDENTITY_HEADERS[c] for c in table.identity] + [_header(m, False, table.headers) for m in table.columns]
     rows = [[_identity_text(row, c) for c in table.identity] + [f"**{c.text}**" if c.bold else c.text for c in line]
             for row, line in zip(table.frame.to_dict("records"), cells(table))]
     return markdown_table(header, rows)
@@ -308,7 +365,7 @@ def paper_latex(table: PaperTable) -> str:
     Markdown."""
     align = "".join("r" if c == "n" else "l" for c in table.identity) + "r" * len(table.columns)
     header = [IDENTITY_HEADERS[c] if c != "n" else "$n$" for c in table.identity]
-    header += [_header(m, latex=True) for m in table.columns]
+    header += [_header(m, True, table.headers) for m in table.columns]
     caption = full_caption(table)
     lines = ["% requires \\usepackage{booktabs}", "\\begin{table}[t]", "\\centering",
              f"\\caption{{{latex_escape(caption)}}}", f"\\label{{tab:{table.stem.replace('_', '-')}}}",

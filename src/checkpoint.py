@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from src.model import build_model
+from src.errors import ConfigError
+from src.model import PE_REGISTRY, build_model
 from src.model.gpt import GPT
 
 log = logging.getLogger(__name__)
@@ -155,12 +157,18 @@ def find_checkpoint_dir(path: str | Path) -> Path:
     return checkpoint_candidates(path)[0]
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Path]:
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               pe_overrides: dict[str, Any] | None = None) -> tuple[GPT, Path]:
     """Rebuild a trained model from a run dir (its newest valid checkpoint), checkpoint dir or export folder.
-    Returns (model, ckpt_dir)."""
+    `pe_overrides` (nested, e.g. {"scaling": {"type": "yarn", "factor": 4}}) change the saved PE config: an
+    inference-time setting, validated against the PE's schema (ConfigError naming the key). Returns (model,
+    ckpt_dir)."""
 
     def load(ckpt_dir: Path) -> tuple[GPT, Path]:
-        model = build_model(read_model_config(ckpt_dir))
+        config = read_model_config(ckpt_dir)
+        if pe_overrides:
+            config = {**config, "pe": with_pe_overrides(config.get("pe"), pe_overrides)}
+        model = build_model(config)
         load_weights(model, ckpt_dir)
         return model.to(device).eval(), ckpt_dir
 
@@ -171,3 +179,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         except CheckpointError as err:
             log.warning("skipping damaged checkpoint: %s; trying the previous one", err)
     return load(oldest)
+
+
+def with_pe_overrides(pe_config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The saved PE config with `overrides` merged in, checked against the PE's schema (a typo, a wrong type or
+    a bad value is a ConfigError naming it, not a damaged checkpoint)."""
+    merged = OmegaConf.to_container(OmegaConf.merge(pe_config or {}, overrides))
+    try:
+        PE_REGISTRY.resolve(merged)
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf's key / type errors, a PE's ValueError
+        flat = ", ".join(f"model.pe.{k}={v}" for k, v in flatten(overrides).items())
+        raise ConfigError(f"{flat} does not fit the checkpoint's '{merged.get('name')}' PE: {_first_line(err)}"
+                          ) from None
+    return merged
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"scaling": {"type": "yarn"}} -> {"scaling.type": "yarn"}."""
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -27,8 +27,12 @@ HELLASWAG_N = "hellaswag/n"
 EVAL_PRESET = "eval/preset"  # eval.json: the eval preset's name (python -m src.eval)
 EVAL_CHECKPOINT = "eval/checkpoint"  # eval.json: the checkpoint dir it scored
 
+EXTRAPOLATION_STRIDE = "extrapolation/stride"  # the sliding-window evaluation's stride (tokens); absent: not run
+PE_VARIANT = "pe_variant"  # summary.json of an inference-time variant record (e.g. "yarn×4"), see below
+
 _LOSS_PATTERN = re.compile(r"^extrapolation/loss_x(\d+)$")
 _DELTA_PATTERN = re.compile(r"^extrapolation/delta_x(\d+)$")
+_SLIDING_PATTERN = re.compile(r"^extrapolation/sliding_loss_x(\d+)$")
 
 
 def extrapolation_loss_key(multiplier: int) -> str:
@@ -46,10 +50,38 @@ def extrapolation_delta_key(multiplier: int) -> str:
     return f"extrapolation/delta_x{multiplier}"
 
 
+def sliding_loss_key(multiplier: int) -> str:
+    """`extrapolation/sliding_loss_x{m}`: val loss at context m x block_size, scored in sliding windows (stride
+    `extrapolation/stride`): every token after the first window is predicted with at least m·L − stride tokens of
+    context, unlike loss_x{m}'s non-overlapping windows, whose first tokens have almost none."""
+    return f"extrapolation/sliding_loss_x{multiplier}"
+
+
 def extrapolation_multiplier(metric: str) -> int | None:
-    """m of an `extrapolation/loss_x{m}` or `extrapolation/delta_x{m}` key, None for any other metric."""
-    match = _LOSS_PATTERN.match(metric) or _DELTA_PATTERN.match(metric)
+    """m of an `extrapolation/loss_x{m}`, `extrapolation/delta_x{m}` or `extrapolation/sliding_loss_x{m}` key,
+    None for any other metric."""
+    match = _LOSS_PATTERN.match(metric) or _DELTA_PATTERN.match(metric) or _SLIDING_PATTERN.match(metric)
     return int(match.group(1)) if match else None
+
+
+def is_sliding_loss(metric: str) -> bool:
+    return _SLIDING_PATTERN.match(metric) is not None
+
+
+def sliding_multipliers(columns) -> list[int]:
+    """The m of every `extrapolation/sliding_loss_x{m}` key among `columns`, ascending."""
+    return sorted(int(m.group(1)) for c in columns if (m := _SLIDING_PATTERN.match(c)))
+
+
+def variant_pe_name(pe: str, variant: str | None) -> str:
+    """The PE name an inference-time variant is shown under: `rope+yarn×4` for pe rope, variant "yarn×4"
+    (a record of `python -m src.eval ... model.pe.scaling.type=yarn`); `pe` itself when there is no variant."""
+    return f"{pe}+{variant}" if variant else pe
+
+
+def base_pe_name(name: str) -> str:
+    """The trained PE of a (possibly variant) PE name: `rope+yarn×4` -> `rope`."""
+    return name.split("+", 1)[0]
 
 
 def is_extrapolation_loss(metric: str) -> bool:
@@ -85,6 +117,9 @@ def label(metric: str, context: int | None = None) -> str:
         return f"loss at {m.group(1)}× context" + (f" = {context:,} tokens" if context else "") + " (nats)"
     if (m := _DELTA_PATTERN.match(metric)) is not None:
         return f"Δ loss at {m.group(1)}× vs 1× (nats)"
+    if (m := _SLIDING_PATTERN.match(metric)) is not None:
+        where = f" = {context:,} tokens" if context else ""
+        return f"sliding-window loss at {m.group(1)}× context{where} (nats)"
     return LABELS.get(metric, metric)
 
 

@@ -29,7 +29,7 @@ from src.data.tokenizer import check_vocab_fits
 from src.device import resolve_device
 from src.errors import ConfigError, exit_bad_input
 from src.eval.hellaswag import HellaSwagUnavailableError, ensure_hellaswag
-from src.eval.suite import check_tokenizer, eval_config
+from src.eval.suite import check_eval_config, eval_config
 from src.model import ATTENTION_REGISTRY, PE_REGISTRY, ModelConfig, model_config
 from src.structured import to_dataclass
 from src.training.config import LoggerConfig, TrainerConfig
@@ -50,7 +50,7 @@ def check_inputs(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
         mcfg = model_config(cfg.model)
         _check_components(mcfg)
         check_vocab_fits(mcfg.vocab_size, dcfg.tokenizer)
-        check_tokenizer(ecfg, dcfg.tokenizer)  # HellaSwag on a byte model: now, not after training
+        check_eval_config(ecfg, dcfg.tokenizer, mcfg.block_size)  # HellaSwag on a byte model: now, not after training
     ranks = context_from_env()
     resolve_device(tcfg.device, ranks.local_rank)
     check_batch_split(tcfg.total_batch_tokens, tcfg.micro_batch_size, mcfg.block_size, ranks.world_size)

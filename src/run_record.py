@@ -3,6 +3,10 @@
 - `config.yaml`: the resolved config
 - `metrics.jsonl`: one JSON object per logged step (training rows and evaluation rows, each with `step`)
 - `summary.json`: final figures and `status` (running / finished / failed), rewritten atomically
+- `eval_details.json`: what the final evaluation measured beyond single numbers (loss by token position, the
+  PE's bias by distance, attention entropy and distance per layer; src/eval/details.py)
+- `variants/<variant>/`: a record of the same checkpoint evaluated with an inference-time PE setting
+  (`python -m src.eval ... model.pe.scaling.type=yarn`): config.yaml, summary.json, eval_details.json
 - `checkpoints/step_XXXXXXXX/`: see src/checkpoint.py
 The format is documented in README.md ("Run record"). A record that must not be mixed with a new run (a
 `trainer.resume=never` restart, a stale sweep run) is moved aside to `<parent>/.superseded/`, never deleted;
@@ -23,7 +27,10 @@ from src.atomic import atomic_write, atomic_write_json, json_safe
 
 SUPERSEDED_DIR = ".superseded"
 # what belongs to one run's record (Hydra's .hydra/ and the log are rewritten by every launch)
-RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", "checkpoints", "wandb_run_id.txt", "wandb")
+DETAILS_FILE = "eval_details.json"
+VARIANTS_DIR = "variants"
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", DETAILS_FILE, VARIANTS_DIR, "checkpoints",
+                "wandb_run_id.txt", "wandb")
 
 
 class RunRecord:
@@ -47,6 +54,9 @@ class RunRecord:
         summary = self.read_summary() | fields
         atomic_write_json(self.summary_path, summary)
         return summary
+
+    def save_details(self, details: dict) -> None:
+        atomic_write_json(self.run_dir / DETAILS_FILE, details)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():

@@ -492,11 +492,13 @@ def test_cli_writes_the_report_end_to_end(runs_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 runs" in result.stdout
     report = (out / "report.md").read_text()
-    drawn = {"loss_vs_tokens", "loss_vs_time", "efficiency", "hellaswag_acc_norm", "extrapolation"}
+    drawn = {"loss_vs_tokens", "loss_vs_time", "efficiency", "hellaswag_acc_norm", "extrapolation", "loss_by_position",
+             "attention_stats"}
     for stem in drawn:
         assert f"](figures/{stem}.png)" in report and f"](figures/{stem}.pdf)" in report
         assert (out / "figures" / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
-    assert set(FIGURE_TITLES) - drawn == {"val_loss_vs_tokens"}  # one evaluation per run: omitted, saying why
+    # one evaluation per run, and no PE with a bias: omitted, saying why
+    assert set(FIGURE_TITLES) - drawn == {"val_loss_vs_tokens", "bias_by_distance"}
     assert not (out / "figures" / "val_loss_vs_tokens.png").exists()
     assert "*Validation-loss curves omitted: every run was evaluated fewer than 2 times" in report
     assert "*MFU (% of peak bf16) panel left out: null off-GPU" in report

@@ -28,7 +28,7 @@ from src.eval import (
     run_evaluation,
     val_tokens,
 )
-from src.eval.__main__ import RunConfigError, run_data_config
+from src.eval.__main__ import RunConfigError, run_config
 from src.eval.config import ExtrapolationConfig, HellaSwagConfig
 from src.eval.hellaswag import load_examples, predict, score_items
 from src.metrics import (
@@ -330,4 +330,4 @@ def test_cli_bad_checkpoint_path_is_one_line_and_exit_code_2(tmp_path):
 
 def test_cli_needs_the_run_config_for_the_val_split(tmp_path):
     with pytest.raises(RunConfigError, match="config.yaml not found"):
-        run_data_config(tmp_path)
+        run_config(tmp_path)

@@ -173,17 +173,17 @@ def test_the_final_checkpoint_is_written_before_the_final_evaluation(data_dir, t
     import src.training.trainer as trainer
 
     overrides = tiny_overrides(data_dir, steps=6, extra=["trainer.ckpt_every=4"])
-    real_evaluation = trainer.run_evaluation
+    real_evaluation = trainer.evaluate_suite
 
     def crashing(*args, **kwargs):
         raise RuntimeError("evaluation crashed")
 
-    monkeypatch.setattr(trainer, "run_evaluation", crashing)
+    monkeypatch.setattr(trainer, "evaluate_suite", crashing)
     with pytest.raises(RuntimeError, match="evaluation crashed"):
         train(compose_train(overrides), tmp_path)
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "step_00000006"
 
-    monkeypatch.setattr(trainer, "run_evaluation", real_evaluation)
+    monkeypatch.setattr(trainer, "evaluate_suite", real_evaluation)
     batches = {"n": 0}
     original = TokenLoader.next_batch
     monkeypatch.setattr(TokenLoader, "next_batch", lambda self: batches.__setitem__("n", batches["n"] + 1)
@@ -200,7 +200,7 @@ def test_a_kill_after_the_final_evaluation_row_does_not_duplicate_it(data_dir, t
     finished = train(cfg, tmp_path)
     # as if killed after the val row was logged, before the summary said "finished"
     (tmp_path / "summary.json").write_text(json.dumps(dict(finished, status="running")))
-    monkeypatch.setattr(trainer, "run_evaluation", lambda *a, **k: pytest.fail("evaluated a second time"))
+    monkeypatch.setattr(trainer, "evaluate_suite", lambda *a, **k: pytest.fail("evaluated a second time"))
     again = train(cfg, tmp_path)
     assert again["status"] == "finished" and again["val/loss"] == finished["val/loss"]
     assert [r["step"] for r in rows(tmp_path) if "val/loss" in r] == [3]

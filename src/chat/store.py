@@ -154,12 +154,12 @@ def _download(repo_id: str, allow_patterns: list[str] | None, what: str) -> Path
         ) from err
 
 
-def _load_hub_export(spec: str, device: str) -> tuple[GPT, Path]:
+def _load_hub_export(spec: str, device: str, pe_overrides: dict | None = None) -> tuple[GPT, Path]:
     parts = spec.split("/")
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
     files = [f"{subfolder}/*"] if subfolder else None
     local = _download(repo_id, files, f"'{subfolder}/{WEIGHTS}'" if subfolder else f"'{WEIGHTS}'")
-    return load_model(local / subfolder, device)
+    return load_model(local / subfolder, device, pe_overrides)
 
 
 def _load_transformers_gpt2(source: str | Path, device: str) -> tuple[GPT, Path]:
@@ -179,17 +179,21 @@ def _load_transformers_gpt2(source: str | Path, device: str) -> tuple[GPT, Path]
     return model.to(device).eval(), local
 
 
-def load(spec: str, device: str = "cpu") -> LoadedModel:
-    """Load the model named by `spec` (see the module docstring)."""
+def load(spec: str, device: str = "cpu", pe_overrides: dict | None = None) -> LoadedModel:
+    """Load the model named by `spec` (see the module docstring); `pe_overrides` change its PE config for
+    inference (e.g. {"scaling": {"type": "yarn", "factor": 4}}: src.checkpoint.load_model)."""
     start = time.perf_counter()
     try:
         path = local_path(spec)
         if spec.startswith(HF_PREFIX):
+            if pe_overrides:
+                raise ModelLoadError(f"{spec} is a transformers GPT-2 (learned positions): PE overrides apply to "
+                                     f"pegrid models only")
             model, source = _load_transformers_gpt2(path or spec[len(HF_PREFIX):], device)
         elif path is None:
-            model, source = _load_hub_export(spec, device)
+            model, source = _load_hub_export(spec, device, pe_overrides)
         elif path.exists():
-            model, source = load_model(path, device)
+            model, source = load_model(path, device, pe_overrides)
         else:
             raise ModelLoadError(f"no model at {spec}: {NO_MODEL_HINT}")
     except CheckpointError as err:

@@ -5,6 +5,7 @@
     python -m src.chat --repo ORG/REPO --model rope-flash     # the export folder rope-flash/ of a Hub repo
     python -m src.chat --hf gpt2                              # OpenAI's GPT-2 through transformers
     python -m src.chat --model outputs/<run> --prompt "Text to continue" --temperature 0   # one shot
+    python -m src.chat --model outputs/<rope run> --pe scaling.type=yarn --pe scaling.factor=4 --window 256
 
 In the loop: type text and the model continues it, streamed token by token; `/help` lists the commands
 (`/reset` starts a new conversation, `/quit` or end of input (Ctrl-D) leaves), Ctrl-C stops an answer.
@@ -16,9 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from omegaconf import OmegaConf
+
 from src.chat.generate import Conversation, SamplingConfig, generate_text
 from src.chat.store import HF_PREFIX, LoadedModel, ModelLoadError, load
-from src.metrics import VAL_LOSS
+from src.metrics import VAL_LOSS, variant_pe_name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,13 +40,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="fix sampling (default: random)")
     parser.add_argument("--window", type=int, default=None,
                         help="tokens seen by a PE that extrapolates (default 2 x block_size); see docs/CHAT.md")
+    parser.add_argument("--pe", metavar="KEY=VALUE", action="append", default=[],
+                        help="change the PE for inference, repeatable, e.g. --pe scaling.type=yarn --pe "
+                             "scaling.factor=4 (RoPE context extension); see docs/CHAT.md")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    bad = [item for item in args.pe if "=" not in item or not item.split("=", 1)[0].strip()]
+    if bad:
+        parser.error(f"--pe takes KEY=VALUE (e.g. --pe scaling.type=yarn), got {bad[0]!r}")
     if args.repo and not args.model:
         parser.error("--repo needs --model NAME (the export folder inside the repo)")
     if args.window is not None and args.window < 1:
         parser.error(f"--window must be positive, got {args.window}")
     return args
+
+
+def pe_overrides(items: list[str]) -> dict:
+    """--pe KEY=VALUE items as a nested dict, values parsed as YAML (4 -> 4, yarn -> "yarn")."""
+    return OmegaConf.to_container(OmegaConf.from_dotlist(items)) if items else {}
 
 
 def model_spec(args: argparse.Namespace) -> str:
@@ -55,7 +69,9 @@ def model_spec(args: argparse.Namespace) -> str:
 def describe(loaded: LoadedModel) -> str:
     info = loaded.info
     context = info["max_context"] or f"{info['block_size']} (trained; extrapolates)"
-    line = (f"{loaded.spec}: pe={info['pe']} attention={info['attention']} params={info['num_params']:,} "
+    _, pe = loaded.model.attention_layers()[0]
+    pe_name = variant_pe_name(info["pe"], pe.variant_name())
+    line = (f"{loaded.spec}: pe={pe_name} attention={info['attention']} params={info['num_params']:,} "
             f"context={context} tokenizer={loaded.tokenizer}")
     if VAL_LOSS in loaded.metrics:
         line += f" {VAL_LOSS}={loaded.metrics[VAL_LOSS]:.3f}"
@@ -114,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed)
-        loaded = load(model_spec(args), args.device)
+        loaded = load(model_spec(args), args.device, pe_overrides(args.pe))
     except (ModelLoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

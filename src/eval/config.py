@@ -58,12 +58,32 @@ class ExtrapolationConfig:
     multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # context = m x model.block_size
     num_tokens: int = 262_144  # fixed token budget per context length, as val.num_tokens
     batch_size: int = 8  # windows per forward pass at 1x; at m x it is max(1, batch_size // m)
+    # sliding-window evaluation as well (extrapolation/sliding_loss_x{m}): windows moved on by `stride` tokens,
+    # only their last `stride` positions scored, so each with >= m x block_size - stride tokens of context;
+    # about m x block_size / stride times the cost of the non-overlapping pass. null: off
+    stride: int | None = None
 
     def __post_init__(self) -> None:
-        _require_positive("extrapolation", self, "num_tokens", "batch_size")
+        _require_positive("extrapolation", self, "num_tokens", "batch_size", "stride")
         if not all(m >= 1 for m in self.multipliers):
             raise ConfigError(f"eval.extrapolation.multipliers must be whole numbers >= 1 (context = m x "
                               f"model.block_size), got {self.multipliers}")
+
+
+@dataclass
+class DetailsConfig:
+    # eval_details.json at the final evaluation (the trainer's, python -m src.eval): the extrapolation windows'
+    # loss by position, the PE's bias by distance, attention entropy and distance per layer (src/eval/details.py)
+    enabled: bool = True
+    attention_multipliers: list[int] = field(default_factory=lambda: [1, 4])  # contexts m x block_size probed
+    attention_windows: int = 2  # validation windows per context for the attention statistics
+    bias_multiplier: int = 4  # the bias is read at distances 0 ... bias_multiplier x block_size - 1
+
+    def __post_init__(self) -> None:
+        _require_positive("details", self, "attention_windows", "bias_multiplier")
+        if not all(m >= 1 for m in self.attention_multipliers):
+            raise ConfigError(f"eval.details.attention_multipliers must be whole numbers >= 1, got "
+                              f"{self.attention_multipliers}")
 
 
 @dataclass
@@ -71,6 +91,7 @@ class EvalConfig:
     val: ValConfig = field(default_factory=ValConfig)
     hellaswag: HellaSwagConfig = field(default_factory=HellaSwagConfig)
     extrapolation: ExtrapolationConfig = field(default_factory=ExtrapolationConfig)
+    details: DetailsConfig = field(default_factory=DetailsConfig)
 
 
 store_schema("eval", EvalConfig)

@@ -37,7 +37,7 @@ from src.checkpoint import NonFiniteCheckpoint, latest_valid_checkpoint, list_ch
 from src.data import TokenLoader, ensure_prepared
 from src.device import autocast_for, peak_memory_mb
 from src.eval.hellaswag import ensure_hellaswag
-from src.eval.suite import eval_config, run_evaluation
+from src.eval.suite import eval_config, evaluate_suite
 from src.metrics import (
     ELAPSED,
     MFU,
@@ -172,7 +172,7 @@ class TrainingRun:
                 error = f"stopped by {stopped_by.name} at step {self.step}; {saved}: rerun the same command to resume"
             else:
                 # resumed after the final evaluation was logged but before the summary was written: reuse it
-                self.eval_metrics = logged_evaluation(self.record, self.step) or self.evaluate()
+                self.eval_metrics = logged_evaluation(self.record, self.step) or self.evaluate(final=True)
                 status = "finished"
         except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, the previous one is kept
             status, error, stopped_by = "interrupted", self.second_sigint(), signal.SIGINT
@@ -424,13 +424,16 @@ class TrainingRun:
         self.record.update_summary(**{STEP: self.step, TOKENS: row[TOKENS], ELAPSED: row[ELAPSED]})
         self.window_tokens, self.window_time = 0, 0.0
 
-    def evaluate(self) -> dict:
-        """run_evaluation at the current step (every rank: it all-reduces); rank 0 logs an evaluation row."""
-        metrics = run_evaluation(self.model, self.ecfg, self.shard_dir, self.device, self.autocast)
+    def evaluate(self, final: bool = False) -> dict:
+        """The evaluation suite at the current step (every rank: it all-reduces); rank 0 logs an evaluation row
+        and, for the `final` one, writes eval_details.json."""
+        evaluation = evaluate_suite(self.model, self.ecfg, self.shard_dir, self.device, self.autocast, details=final)
         if self.dist.is_main:
-            self.record.log({STEP: self.step, **metrics})
-            self.logger.log(metrics, self.step)
-        return metrics
+            if evaluation.details is not None:
+                self.record.save_details(evaluation.details)
+            self.record.log({STEP: self.step, **evaluation.metrics})
+            self.logger.log(evaluation.metrics, self.step)
+        return evaluation.metrics
 
     def checkpoint(self) -> None:
         """An atomic checkpoint of the current step (rank 0), unless it is step 0 or already written."""

@@ -6,10 +6,12 @@
 never sees a key at a later position.
 
 `training_backend(pe, device, dtype)` names the path a training forward takes (`attention_backend`).
+`attention_weights(...)` returns the probabilities a forward applies, for diagnostics (src/eval/details.py).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,17 @@ class AttentionMechanism(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
         raise NotImplementedError
+
+    def attention_weights(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe
+                          ) -> tuple[Tensor, Tensor]:
+        """The attention probabilities [B, H, Tq, Tk'] that `forward` (without dropout) applies to the same
+        inputs, and the position [Tk'] of each key they weigh (a compressed key sits at a representative
+        position). Default: softmax(QKᵀ/√d + bias + causal mask) over the keys, the rule of regular and flash
+        attention; a mechanism that attends to other keys overrides it."""
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
+        if pe.has_bias:
+            scores = scores + pe.bias_matrix(q_pos, k_pos).float()
+        return scores.masked_fill(~causal_mask(q_pos, k_pos), float("-inf")).softmax(dim=-1), k_pos.float()
 
     def training_backend(self, pe, device: torch.device, dtype: torch.dtype) -> str:
         """The path a training forward (a backward follows) takes with `pe` on `device` with attention inputs of

@@ -137,6 +137,20 @@ class LinformerAttention(AttentionMechanism):
 
     def _attend_to_cache(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe) -> Tensor:
         """Queries at the last positions of the cached keys (k_pos = 0..T−1): the same visibility rule."""
+        probs, _, v_slots = self._probs_over_slots_and_keys(q, k, v, q_pos, k_pos, pe)
+        slot_probs, local_probs = probs.split((v_slots.size(-2), k.size(-2)), dim=-1)
+        return slot_probs @ v_slots + local_probs @ v
+
+    def attention_weights(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe
+                          ) -> tuple[Tensor, Tensor]:
+        """Probabilities over [every chunk's slots; every key], at [slot positions; key positions]."""
+        probs, key_pos, _ = self._probs_over_slots_and_keys(q.float(), k.float(), v.float(), q_pos, k_pos, pe)
+        return probs, key_pos
+
+    def _probs_over_slots_and_keys(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, pe
+                                   ) -> tuple[Tensor, Tensor, Tensor]:
+        """The rule of `forward` with masks over all slots and all keys (k_pos = 0..T−1, queries among them):
+        probabilities [B, H, Tq, n·k + T], the positions of those slots and keys, and the slots' values."""
         c = self.cfg.chunk_size
         _, _, k_slots, v_slots, slot_pos, slot_chunk = self._slots(k, v, k_pos[0])
         scale = 1.0 / math.sqrt(q.size(-1))
@@ -150,5 +164,4 @@ class LinformerAttention(AttentionMechanism):
         same_chunk = ((k_pos - k_pos[0]) // c)[None, :] == q_chunk
         local_scores = local_scores.masked_fill(~(same_chunk & causal_mask(q_pos, k_pos)), float("-inf"))
         probs = torch.cat((slot_scores, local_scores), dim=-1).softmax(dim=-1)
-        slot_probs, local_probs = probs.split((slot_scores.size(-1), local_scores.size(-1)), dim=-1)
-        return slot_probs @ v_slots + local_probs @ v
+        return probs, torch.cat((slot_pos.float(), k_pos.float())), v_slots

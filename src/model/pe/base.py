@@ -65,6 +65,12 @@ class PositionalEncoding(nn.Module):
         elementwise (no reductions). Default: the closed form, so no [H, Tq, Tk] bias is materialised."""
         return lambda h, q_idx, kv_idx: self.bias(h, q_pos[q_idx].float(), k_pos[kv_idx].float())
 
+    def variant_name(self) -> str | None:
+        """A short name of this PE's inference-time setting when it is not the plain one the PE trains with
+        (RoPE's `scaling`: "yarn×4"), None when it is plain. A checkpoint evaluated with such a setting is
+        recorded as a variant of its run (`python -m src.eval`), shown as `<pe>+<variant>` (src/metrics.py)."""
+        return None
+
     def check_length(self, seq_end: int) -> None:
         if self.max_positions is not None and seq_end > self.max_positions:
             raise ValueError(
