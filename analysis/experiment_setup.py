@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.sources import SETUP_COLUMNS
+from analysis.sources import SETUP_COLUMNS, is_variant
 from analysis.style import ATTENTION_ORDER, PE_ORDER, ordered
 from analysis.tables import GROUP_KEYS, status_counts, used_runs
 from src import metrics as run_metrics
@@ -62,8 +62,12 @@ def _extrapolation(runs: pd.DataFrame) -> str:
         return "not evaluated"
     contexts = [describe(runs[extrapolation_context_key(m)])
                 if extrapolation_context_key(m) in runs else NOT_RECORDED for m in multipliers]
-    return (f"loss at {', '.join(f'{m}×' for m in multipliers)} L = {', '.join(contexts)} tokens, "
+    text = (f"loss at {', '.join(f'{m}×' for m in multipliers)} L = {', '.join(contexts)} tokens, "
             f"{describe(runs['eval.extrapolation.num_tokens'])} tokens each")
+    if run_metrics.EXTRAPOLATION_STRIDE in runs and runs[run_metrics.EXTRAPOLATION_STRIDE].notna().any():
+        text += (f", non-overlapping and in sliding windows moved on by "
+                 f"{describe(runs[run_metrics.EXTRAPOLATION_STRIDE])} tokens")
+    return text
 
 
 def _hellaswag(runs: pd.DataFrame) -> str:
@@ -89,7 +93,10 @@ def _count(count, noun: str) -> str:
 
 
 def setup_lines(runs: pd.DataFrame) -> list[str]:
-    """The set-up as Markdown bullet lines, then one line saying how differing values read."""
+    """The set-up as Markdown bullet lines, then one line saying how differing values read. Inference-time
+    variant records (`rope+yarn×4`) are counted apart: they trained nothing."""
+    variants = runs[is_variant(runs["pe"])]
+    runs = runs[~is_variant(runs["pe"])]
     used = _used(runs)
     pes, attentions = ordered(runs["pe"], PE_ORDER), ordered(runs["attention"], ATTENTION_ORDER)
     seeds = ", ".join(str(s) for s in sorted(runs["seed"].dropna().unique())) or NOT_RECORDED
@@ -98,7 +105,9 @@ def setup_lines(runs: pd.DataFrame) -> list[str]:
     lines = [
         f"- **Runs**: {len(runs)} ({status_counts(runs['status'])}); "
         f"{_count(len(per_combination), 'combination')} of {_count(len(pes), 'PE')} ({', '.join(pes)}) and "
-        f"{_count(len(attentions), 'attention mechanism')} ({', '.join(attentions)})",
+        f"{_count(len(attentions), 'attention mechanism')} ({', '.join(attentions)})"
+        + (f"; plus {len(variants)} inference-time variant records of their checkpoints "
+           f"({', '.join(ordered(variants['pe'], PE_ORDER))})" if len(variants) else ""),
         f"- **Model**: GPT-2 decoder, {describe(used['model.n_layer'])} layers, {describe(used['model.n_head'])} "
         f"heads, width {describe(used['model.n_embd'])}, training context L = {describe(used['model.block_size'])} "
         f"tokens, vocabulary {describe(used['model.vocab_size'])}; parameters "

@@ -173,7 +173,7 @@ def loss_by_position(runs: pd.DataFrame, details: dict[str, dict]) -> Drawn:
                             "eval_details.json (records older than it, W&B runs)"])
     shown = runs[[(pe, a) in curves for pe, a in zip(runs["pe"], runs["attention"])]]
     pes, attentions = _pes_and_attentions(shown)
-    fig = Figure(figsize=(4.6 * len(attentions) + 2.6, 3.6), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(attentions) + 2.6, 4.8), layout="constrained")
     axes = fig.subplots(1, len(attentions), squeeze=False, sharex=True, sharey=True)[0]
     for ax, attention in zip(axes, attentions):
         for pe in pes:
