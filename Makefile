@@ -45,7 +45,7 @@ test-gpu:  ## the tests marked cuda (tests/test_cuda.py and others): skipped, wi
 	$(PYTHON) -m pytest -q -m cuda -rs
 
 GPU_CHECK_OUT ?= outputs/gpu-check
-gpu-check:  ## the first command on a 1-GPU machine (<= 8 min): CUDA tests, bench-gpu, 20 steps of every combination at 124M -> outputs/gpu-check/report.md
+gpu-check:  ## the first command on a 1-GPU machine (<= 9 min): CUDA tests, bench-gpu, 20 steps of every combination at 124M -> outputs/gpu-check/report.md
 	$(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(ARGS)
 
 lint:  ## ruff over every Python file of the project

@@ -23,6 +23,7 @@ from src.chat.store import (
     ModelStore,
     discover_models,
     local_path,
+    parse_pe_overrides,
 )
 from src.metrics import HELLASWAG_ACC_NORM, TRAIN_LOSS, VAL_LOSS, label
 
@@ -63,7 +64,7 @@ def confined(spec: str, roots: list[Path]) -> str:
     return HF_PREFIX + resolved if spec.startswith(HF_PREFIX) else resolved
 
 
-def sidebar(roots: list[Path]) -> tuple[str | None, SamplingConfig, int | None]:
+def sidebar(roots: list[Path]) -> tuple[str | None, SamplingConfig, int | None, list[str]]:
     with st.sidebar:
         st.header("Model")
         # a symlink out of a root is not listed (and would be refused)
@@ -83,9 +84,12 @@ def sidebar(roots: list[Path]) -> tuple[str | None, SamplingConfig, int | None]:
         )
         window = st.number_input("Window for PEs that extrapolate (empty = 2 x block size)", min_value=1,
                                  value=None, step=1)
+        pe_settings = st.text_input("PE settings for inference", placeholder="scaling.type=yarn scaling.factor=4",
+                                    help="KEY=VALUE pairs that change the model's PE config, as `python -m src.chat "
+                                         "--pe`: RoPE context extension without retraining (docs/CHAT.md)").split()
         if st.button("New conversation"):
             st.session_state.pop("chat", None)
-    return hub or choice, sampling, window
+    return hub or choice, sampling, window, pe_settings
 
 
 def show_model(loaded: LoadedModel) -> None:
@@ -103,22 +107,23 @@ def main() -> None:
     st.set_page_config(page_title="pegrid chat")
     st.title("pegrid chat")
     roots = models_roots()
-    spec, sampling, window = sidebar(roots)
+    spec, sampling, window, pe_settings = sidebar(roots)
     if not spec:
         st.info("No model: train one (`python -m src.train`), export one to `exports/`, or type a Hub id.")
         return
     try:
-        loaded = model_store().get(confined(spec, roots))
+        loaded = model_store().get(confined(spec, roots), parse_pe_overrides(pe_settings))
     except ModelLoadError as err:
         st.error(str(err))
         return
     show_model(loaded)
 
-    # One conversation per (model, window); choosing another model starts a new one.
+    # One conversation per (model, window, PE settings); choosing another model starts a new one.
     chat = st.session_state.get("chat")
-    if chat is None or chat["key"] != (spec, window):
+    key = (spec, window, tuple(pe_settings))
+    if chat is None or chat["key"] != key:
         chat = st.session_state["chat"] = {
-            "key": (spec, window),
+            "key": key,
             "conversation": Conversation.for_model(loaded.model, window, tokenizer=loaded.tokenizer),
             "messages": [],
         }

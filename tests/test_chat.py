@@ -387,6 +387,13 @@ def test_streamlit_app(app_runs_dir, monkeypatch):
     assert [m.name for m in at.chat_message] == ["user", "assistant"]
     assert at.chat_message[1].html[0].value == verbatim(expected)
 
+    at.text_input[1].set_value("scaling.type=yarn scaling.factor=4").run()  # RoPE extended, a new conversation
+    assert not at.exception and not at.chat_message
+    assert "PE **rope+yarn×4** · attention **flash**" in at.caption[0].value
+    at.text_input[1].set_value("scaling.typo=1").run()
+    assert "model.pe.scaling.typo=1 does not fit the checkpoint's 'rope' PE" in at.error[0].value
+    at.text_input[1].set_value("").run()
+
     at.selectbox[0].set_value(models[0]).run()  # switching model starts a new conversation
     assert not at.exception and not at.chat_message
     assert "PE **alibi** · attention **regular**" in at.caption[0].value

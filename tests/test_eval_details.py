@@ -332,14 +332,18 @@ def test_train_refuses_a_stride_longer_than_the_context_before_training(tmp_path
 
 
 def test_chat_takes_pe_overrides(tmp_path):
-    from src.chat.store import load
-    from src.chat.terminal import pe_overrides
+    from src.chat.store import ModelLoadError, load, parse_pe_overrides
 
     model_cfg = tiny_model_cfg("rope", "regular")
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "checkpoints", 1, build_model(model_cfg), model_cfg, {"step": 1}, keep_last=1)
-    overrides = pe_overrides(["scaling.type=yarn", "scaling.factor=4"])
+    overrides = parse_pe_overrides(["scaling.type=yarn", "scaling.factor=4"])
     assert overrides == {"scaling": {"type": "yarn", "factor": 4}}
     loaded = load(str(tmp_path), "cpu", overrides)
     assert loaded.model.pe.variant_name() == "yarn×4"
     assert math.isclose(loaded.model.pe.magnitude, 0.1 * math.log(4) + 1)
+    assert loaded.info["pe"] == "rope+yarn×4"
+    with pytest.raises(ModelLoadError, match="KEY=VALUE"):
+        parse_pe_overrides(["scaling"])
+    with pytest.raises(ModelLoadError, match="model.pe.scaling.typo=1 does not fit"):
+        load(str(tmp_path), "cpu", parse_pe_overrides(["scaling.typo=1"]))

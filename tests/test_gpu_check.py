@@ -32,7 +32,7 @@ def test_without_cuda_it_exits_2_at_once_with_one_line_and_writes_nothing(tmp_pa
 
 
 def test_the_estimate_fits_the_budget_on_an_h100_and_grows_on_a_slower_gpu():
-    assert sum(gpu_check.BUDGETS.values()) == gpu_check.BUDGET_S == 480
+    assert sum(gpu_check.BUDGETS.values()) == gpu_check.BUDGET_S == 540
     parts = gpu_check.plan(H100)
     assert [p.key for p in parts] == list(gpu_check.PART_KEYS)
     for part in parts:
@@ -212,7 +212,7 @@ def test_the_report_from_fake_run_records(tmp_path):
     report = gpu_check.report_markdown(results, dict(device="NVIDIA H100 80GB HBM3", torch="2.13.0", cuda="12.8",
                                                      commit="abc123", date="2026-12-02 10:00"))
     assert report.startswith("# GPU check: FAIL\n")
-    assert "NVIDIA H100 80GB HBM3, torch 2.13.0 (CUDA 12.8), commit abc123" in report and "435 s of the 480 s" in report
+    assert "NVIDIA H100 80GB HBM3, torch 2.13.0 (CUDA 12.8), commit abc123" in report and "435 s of the 540 s" in report
     assert "| (i) CUDA tests: pytest -m cuda | PASS | 95 | 109 | 120 | 130 passed" in report
     assert "| (ii) make bench-gpu | FAIL | 250 | 249 | 255 | 5 PASS, 1 FAIL (exit 1) |" in report
     assert "## (iii) 20 steps of every PE x attention at 124M" in report and table[2] in report
@@ -243,9 +243,9 @@ def test_main_runs_the_parts_in_order_with_cumulative_deadlines_and_writes_the_r
     (tmp_path / "out" / "grid" / "stale.txt").write_text("from an earlier check")
     assert gpu_check.main(["--out", str(tmp_path / "out")]) == 1
     assert [key for key, _ in seen] == ["tests", "bench", "grid"]
-    assert [d for _, d in seen] == pytest.approx([120, 370, 480], abs=15)  # the plan's estimate takes seconds
+    assert [d for _, d in seen] == pytest.approx([150, 400, 540], abs=15)  # the plan's estimate takes seconds
     stdout = capsys.readouterr().out
-    assert stdout.index("estimate") < stdout.index("== (i)") and "budget 480 s" in stdout
+    assert stdout.index("estimate") < stdout.index("== (i)") and "budget 540 s" in stdout
     report = (tmp_path / "out" / "report.md").read_text()
     assert report.startswith("# GPU check: FAIL") and "NVIDIA H100 80GB HBM3" in report and "bench done" in report
     assert not (tmp_path / "out" / "grid").exists()  # an earlier check's outputs are cleared first

@@ -15,6 +15,7 @@ not pile up models as the user browses the grid): loading another first frees th
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -24,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, load_model
 from src.data.tokenizer import DEFAULT_TOKENIZER, check_vocab_fits
 from src.device import release_freed_memory
-from src.metrics import is_model_score
+from src.errors import ConfigError
+from src.metrics import is_model_score, variant_pe_name
 from src.model import from_hf_gpt2
 from src.model.gpt import GPT
 from src.run_record import RunRecord
@@ -61,8 +64,9 @@ class LoadedModel:
     def info(self) -> dict[str, Any]:
         """PE, attention and size of the model, for a model card or a UI."""
         cfg = self.model.config
+        _, pe = self.model.attention_layers()[0]
         return {
-            "pe": self.model.pe_config.name,
+            "pe": variant_pe_name(self.model.pe_config.name, pe.variant_name()),  # rope+yarn×4 with --pe overrides
             "attention": self.model.attention_config.name,
             "num_params": sum(p.numel() for p in self.model.parameters()),
             "n_layer": cfg.n_layer,
@@ -196,7 +200,7 @@ def load(spec: str, device: str = "cpu", pe_overrides: dict | None = None) -> Lo
             model, source = load_model(path, device, pe_overrides)
         else:
             raise ModelLoadError(f"no model at {spec}: {NO_MODEL_HINT}")
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError) as err:  # ConfigError: a PE override the checkpoint's PE does not take
         raise ModelLoadError(str(err)) from err
     summary, recorded = ({}, None) if spec.startswith(HF_PREFIX) else (read_summary(source), read_tokenizer(source))
     if recorded is not None:  # a model without its run's config is taken to speak GPT-2, as hf: models do
@@ -227,16 +231,27 @@ class ModelStore:
         """Specs of the models in memory, least recently used first."""
         return list(self._models)
 
-    def get(self, spec: str) -> LoadedModel:
+    def get(self, spec: str, pe_overrides: dict | None = None) -> LoadedModel:
+        """The model of `spec` (with `pe_overrides`, see `load`: a model of its own in the store)."""
+        key = f"{spec} {json.dumps(pe_overrides, sort_keys=True)}" if pe_overrides else spec
         with self._lock:
-            if spec in self._models:
-                self._models.move_to_end(spec)
-                return self._models[spec]
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
             # Free before loading, so that memory never holds more than max_resident models.
             while len(self._models) >= self.max_resident:
                 self._models.popitem(last=False)
                 release_freed_memory()
-            loaded = load(spec, self.device)
+            loaded = load(spec, self.device, pe_overrides)
             release_freed_memory()  # the state dict read from disk
-            self._models[spec] = loaded
+            self._models[key] = loaded
             return loaded
+
+
+def parse_pe_overrides(items: list[str]) -> dict:
+    """KEY=VALUE items (`scaling.type=yarn`, `scaling.factor=4`) as the nested dict `load` takes, values parsed as
+    YAML (4 -> 4, yarn -> "yarn"); a malformed item is a ModelLoadError naming it."""
+    bad = [item for item in items if "=" not in item or not item.split("=", 1)[0].strip()]
+    if bad:
+        raise ModelLoadError(f"a PE setting is KEY=VALUE (e.g. scaling.type=yarn), got {bad[0]!r}")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(items)) if items else {}

@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omegaconf import OmegaConf
-
 from src.chat.generate import Conversation, SamplingConfig, generate_text
-from src.chat.store import HF_PREFIX, LoadedModel, ModelLoadError, load
-from src.metrics import VAL_LOSS, variant_pe_name
+from src.chat.store import HF_PREFIX, LoadedModel, ModelLoadError, load, parse_pe_overrides
+from src.metrics import VAL_LOSS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,19 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "scaling.factor=4 (RoPE context extension); see docs/CHAT.md")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    bad = [item for item in args.pe if "=" not in item or not item.split("=", 1)[0].strip()]
-    if bad:
-        parser.error(f"--pe takes KEY=VALUE (e.g. --pe scaling.type=yarn), got {bad[0]!r}")
     if args.repo and not args.model:
         parser.error("--repo needs --model NAME (the export folder inside the repo)")
     if args.window is not None and args.window < 1:
         parser.error(f"--window must be positive, got {args.window}")
     return args
-
-
-def pe_overrides(items: list[str]) -> dict:
-    """--pe KEY=VALUE items as a nested dict, values parsed as YAML (4 -> 4, yarn -> "yarn")."""
-    return OmegaConf.to_container(OmegaConf.from_dotlist(items)) if items else {}
 
 
 def model_spec(args: argparse.Namespace) -> str:
@@ -69,9 +59,7 @@ def model_spec(args: argparse.Namespace) -> str:
 def describe(loaded: LoadedModel) -> str:
     info = loaded.info
     context = info["max_context"] or f"{info['block_size']} (trained; extrapolates)"
-    _, pe = loaded.model.attention_layers()[0]
-    pe_name = variant_pe_name(info["pe"], pe.variant_name())
-    line = (f"{loaded.spec}: pe={pe_name} attention={info['attention']} params={info['num_params']:,} "
+    line = (f"{loaded.spec}: pe={info['pe']} attention={info['attention']} params={info['num_params']:,} "
             f"context={context} tokenizer={loaded.tokenizer}")
     if VAL_LOSS in loaded.metrics:
         line += f" {VAL_LOSS}={loaded.metrics[VAL_LOSS]:.3f}"
@@ -130,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed)
-        loaded = load(model_spec(args), args.device, pe_overrides(args.pe))
+        loaded = load(model_spec(args), args.device, parse_pe_overrides(args.pe))
     except (ModelLoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
