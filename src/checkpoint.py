@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from src.errors import ConfigError
 from src.model import PE_REGISTRY, build_model
 from src.model.gpt import GPT
+from src.structured import dotted_leaves
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +191,8 @@ def with_pe_overrides(pe_config: Any, overrides: dict[str, Any]) -> dict[str, An
     except ConfigError:
         raise
     except Exception as err:  # OmegaConf's key / type errors, a PE's ValueError
-        flat = ", ".join(f"model.pe.{k}={v}" for k, v in flatten(overrides).items())
+        flat = ", ".join(f"model.pe.{k}={v}" for k, v in dotted_leaves(overrides).items())
         raise ConfigError(f"{flat} does not fit the checkpoint's '{merged.get('name')}' PE: {_first_line(err)}"
                           ) from None
     return merged
 
-
-def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"scaling": {"type": "yarn"}} -> {"scaling.type": "yarn"}."""
-    flat = {}
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

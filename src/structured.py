@@ -47,3 +47,15 @@ def store_schema(group: str, node: Any, option: str | None = None) -> str:
     name = schema_name(group, option)
     ConfigStore.instance().store(name=name, node=node)
     return name
+
+
+def dotted_leaves(node: dict, prefix: str = "") -> dict:
+    """Nested dicts as {dotted key: leaf value}: {"scaling": {"type": "yarn"}} -> {"scaling.type": "yarn"} (an
+    empty dict is a leaf)."""
+    leaves = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            leaves.update(dotted_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves

@@ -286,17 +286,6 @@ def run_status(combo: Combo) -> str:
     return run_summary(combo).get("status", "pending")
 
 
-def flat(node: dict, prefix: str = "") -> dict:
-    """Nested dicts as {dotted key: leaf value}."""
-    leaves = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            leaves.update(flat(value, f"{prefix}{key}."))
-        else:
-            leaves[f"{prefix}{key}"] = value
-    return leaves
-
-
 ABSENT = object()  # a key one of two configs lacks
 
 
@@ -308,6 +297,7 @@ def short(value) -> str:
 def stale_reason(combo: Combo, limit: int = 3) -> str | None:
     """Why a finished run's record answers another config than its combination's now, or None if it does not.
     The fingerprint decides; the record's config.yaml only explains (its first few differing keys)."""
+    from src.structured import dotted_leaves
     from src.training.fingerprint import FINGERPRINT_KEY, results_config
 
     recorded = run_summary(combo).get(FINGERPRINT_KEY)
@@ -315,10 +305,10 @@ def stale_reason(combo: Combo, limit: int = 3) -> str | None:
         return None
     why = f"fingerprint {recorded} != {combo.fingerprint}" if recorded else "recorded before config fingerprints"
     try:
-        old = flat(results_config(yaml.safe_load((combo.run_dir / "config.yaml").read_text()) or {}))
+        old = dotted_leaves(results_config(yaml.safe_load((combo.run_dir / "config.yaml").read_text()) or {}))
     except (OSError, yaml.YAMLError):
         return f"{why}; no readable config.yaml to compare"
-    new = flat(combo.config)
+    new = dotted_leaves(combo.config)
     keys = [k for k in {**new, **old} if old.get(k, ABSENT) != new.get(k, ABSENT)]
     if not keys:
         return f"{why}; config.yaml has the same settings"

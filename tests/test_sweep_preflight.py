@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from src.data.prepare import ensure_prepared
+from src.structured import dotted_leaves
 from sweeps import preflight as pf
 from sweeps import run_sweep
 from tests.conftest import ROOT
@@ -44,7 +45,7 @@ def plan_of(argv: list[str]) -> run_sweep.Plan:
 def flat_config(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
-    return run_sweep.flat(OmegaConf.to_container(compose_train(overrides), resolve=True))
+    return dotted_leaves(OmegaConf.to_container(compose_train(overrides), resolve=True))
 
 
 def lr_sweep(tmp_path: Path) -> Path:
@@ -106,7 +107,7 @@ def test_the_preflight_runs_the_real_runs_configs_but_for_steps_eval_checkpoints
     for check, combo in zip(checks, plan.todo):
         run_dir = check.overrides[-1]
         assert run_dir == f"hydra.run.dir={plan.sweep_dir / '.preflight' / combo.run_dir.name}"
-        preflight, real = flat_config(list(check.overrides[:-1])), run_sweep.flat(combo.resolved)
+        preflight, real = flat_config(list(check.overrides[:-1])), dotted_leaves(combo.resolved)
         differ = {k for k in {**real, **preflight} if real.get(k, "absent") != preflight.get(k, "absent")}
         assert differ == changed, differ
         assert preflight["trainer.max_steps"] == pf.PREFLIGHT_STEPS and preflight["trainer.eval_every"] == 0

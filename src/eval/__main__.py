@@ -24,14 +24,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from src.atomic import atomic_write_json
-from src.checkpoint import CheckpointError, flatten, load_model
+from src.checkpoint import CheckpointError, load_model
 from src.data import DataUnavailableError, ensure_prepared
+from src.data.tokenizer import DEFAULT_TOKENIZER
 from src.device import autocast_for, resolve_device
 from src.errors import ConfigError, exit_bad_input
 from src.eval.hellaswag import HellaSwagUnavailableError, ensure_hellaswag
 from src.eval.suite import check_eval_config, eval_config, evaluate_suite
 from src.metrics import EVAL_CHECKPOINT, EVAL_PRESET, PE_VARIANT
 from src.run_record import DETAILS_FILE, VARIANTS_DIR, RunRecord
+from src.structured import dotted_leaves
 
 # What a variant record copies from its run's summary: who the run is, not what it measured.
 IDENTITY_KEYS = ("run_name", "pe", "attention", "sweep", "seed", "num_params", "max_steps", "step", "tokens",
@@ -79,8 +81,8 @@ def pe_variant(model, pe_overrides: dict) -> str | None:
     named = pe.variant_name()
     if named:
         return named
-    trained = OmegaConf.to_container(OmegaConf.create(model.config.pe))
-    changed = {k: v for k, v in flatten(pe_overrides).items() if OmegaConf.select(OmegaConf.create(trained), k) != v}
+    trained = OmegaConf.create(model.config.pe)
+    changed = {k: v for k, v in dotted_leaves(pe_overrides).items() if OmegaConf.select(trained, k) != v}
     return ",".join(f"{k}={v}" for k, v in changed.items()) or None
 
 
@@ -108,7 +110,7 @@ def evaluate(cfg: DictConfig) -> None:
     model, ckpt_dir = load_model(cfg.ckpt, device, pe_overrides)
     run_dir = run_dir_of(Path(cfg.ckpt), ckpt_dir)
     config = run_config(run_dir)
-    check_eval_config(eval_cfg, config.data.get("tokenizer", "gpt2"), model.config.block_size)
+    check_eval_config(eval_cfg, config.data.get("tokenizer", DEFAULT_TOKENIZER), model.config.block_size)
     if eval_cfg.hellaswag.enabled:
         ensure_hellaswag(eval_cfg.hellaswag)  # fail in seconds when offline, before any work is done
     shard_dir = ensure_prepared(config.data)

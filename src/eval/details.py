@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from src.eval.config import DetailsConfig
-from src.eval.val_loss import PositionLosses, evaluating
+from src.eval.val_loss import PositionLosses, count_windows, evaluating
 
 
 def loss_by_position_section(by_position: dict[int, PositionLosses], block_size: int) -> dict:
@@ -57,8 +57,7 @@ def attention_statistics(model: nn.Module, tokens: np.ndarray, context_len: int,
                          ) -> dict | None:
     """Entropy and mean distance per layer and head (lists [layer][head]) over the first `num_windows`
     non-overlapping windows of context_len; None when the split is shorter than one window."""
-    available = (len(tokens) - 1) // context_len
-    num_windows = min(num_windows, available)
+    num_windows = min(num_windows, count_windows(len(tokens), len(tokens), context_len))
     if num_windows < 1:
         return None
     layers = model.attention_layers()
