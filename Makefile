@@ -4,14 +4,14 @@ TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast test-gpu gpu-check lint prepare eval bench bench-gpu
+.PHONY: help install train test test-fast test-gpu gpu-check lint wandb-sync prepare eval bench bench-gpu
 
 help:  ## list the targets (a bare `make` installs nothing)
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-install:  ## CPU torch first (a plain `torch` pulls GBs of CUDA), then the project with its dev + chat extras
+install:  ## CPU torch first (a plain `torch` pulls GBs of CUDA), then the project with its dev + chat + eval extras
 	$(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	$(PYTHON) -m pip install -e ".[dev,chat]"
+	$(PYTHON) -m pip install -e ".[dev,chat,eval]"
 
 train:  ## python -m src.train with Hydra overrides in ARGS, e.g. make train ARGS="model/pe=fire"
 	$(PYTHON) -m src.train $(ARGS)
@@ -50,6 +50,9 @@ gpu-check:  ## the first command on a 1-GPU machine (<= 9 min): CUDA tests, benc
 
 lint:  ## ruff over every Python file of the project
 	$(PYTHON) -m ruff check src tests analysis sweeps scripts app.py
+
+wandb-sync:  ## upload the offline W&B runs under outputs/ not synced yet (ARGS="--runs DIR --dry-run"; needs `wandb login`)
+	$(PYTHON) scripts/wandb_sync.py $(ARGS)
 
 # ---------------------------------------------------------------------------------------------- sweeps
 # make sweep [SWEEP=grid] [PREFLIGHT=1] [PARTITION=gpu] [ACCOUNT=proj] [GPUS_PER_NODE=8, 0: CPU jobs] [NODES=1] [TIME_MIN=1440]

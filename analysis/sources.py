@@ -38,6 +38,7 @@ import yaml
 from analysis.metrics import SUMMARY_METRICS
 from src.metrics import PE_VARIANT, base_pe_name, variant_pe_name
 from src.run_record import DETAILS_FILE, RunRecord
+from src.structured import nested_get
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
@@ -79,18 +80,6 @@ class Tables:
 def is_variant(pes: pd.Series) -> pd.Series:
     """Which of these PE names are inference-time variants (`rope+yarn×4`), not trained PEs."""
     return pes.map(lambda pe: isinstance(pe, str) and base_pe_name(pe) != pe).astype(bool)
-
-
-def nested_get(mapping: dict, dotted_key: str) -> Any:
-    """`mapping["a"]["b"]` for "a.b", or a flat `mapping["a.b"]` (how some tools store W&B configs)."""
-    if dotted_key in mapping:
-        return mapping[dotted_key]
-    node: Any = mapping
-    for part in dotted_key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _first_present(*values: Any) -> Any:
@@ -327,7 +316,9 @@ def _wandb_tables(path: str, fetched: list[dict]) -> Tables:
         steps = [{**{k: v for k, v in r.items() if not k.startswith("_") and k != WANDB_STEP_KEY},
                   "step": _first_present(r.get(WANDB_STEP_KEY), r.get("_step"))} for r in run["history"]]
         history = history_frame(run_id, [r for r in steps if r["step"] is not None])
-        config, summary, tags = run["config"], run["summary"], run["tags"]
+        config, tags = run["config"], run["tags"]
+        # W&B's summary holds the last value of every logged key, the step metric too: not a final metric
+        summary = {k: v for k, v in run["summary"].items() if k != WANDB_STEP_KEY}
         identity = {
             "run_id": run_id,
             "name": _first_present(run["name"], summary.get("run_name"), run["id"]),
@@ -359,7 +350,7 @@ def load_wandb(path: str, group: str | None = None, cache_root: str | Path = ".c
     The first call downloads every run's full history (scan_history, not the sampled history()); later
     calls read the cache without touching the network, so re-plotting is offline and fast. refresh=True
     downloads again (runs that were still running have moved on). api_factory returns the API object
-    (default: `wandb.Api`); tests pass a fake with the same shape.
+    (default: `wandb.Api`); tests pass a real `wandb.Api` over a fake transport (tests/wandb_fake.py).
     """
     cache = wandb_cache_dir(cache_root, path, group)
     runs_file, history_file = cache / "runs.parquet", cache / "history.parquet"

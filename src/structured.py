@@ -59,3 +59,15 @@ def dotted_leaves(node: dict, prefix: str = "") -> dict:
         else:
             leaves[f"{prefix}{key}"] = value
     return leaves
+
+
+def nested_get(mapping: dict, dotted_key: str) -> Any:
+    """`mapping["a"]["b"]` for "a.b", or a flat `mapping["a.b"]` (how some tools store W&B configs); None if absent."""
+    if dotted_key in mapping:
+        return mapping[dotted_key]
+    node: Any = mapping
+    for part in dotted_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node

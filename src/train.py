@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import src.schemas  # noqa: F401  (the config schemas and resolvers conf/ relies on)
+from src.completion import print_hook
 from src.errors import exit_bad_input
 from src.metrics import VAL_LOSS
 from src.preflight import BAD_INPUT
@@ -65,4 +66,5 @@ def remove_unused_run_dir(run_dir: Path, hydra_log: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if not print_hook(sys.argv[1:]):  # `-sc install=bash`: our hook, Hydra's misses `python -m` (src/completion.py)
+        sys.exit(main())

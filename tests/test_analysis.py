@@ -1,5 +1,5 @@
 """The analysis tool (analysis/) on run records of real tiny training runs: tables, W&B loading and its
-Parquet cache (against a fake with the public API's shape), figure content, and the CLI end to end."""
+Parquet cache (the real W&B SDK over a fake transport, tests/wandb_fake.py), figure content, and the CLI end to end."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from analysis.sources import WandbUnavailable, combine, load_local, load_wandb
 from src.training.trainer import train
 from tests.conftest import ROOT
 from tests.train_helpers import compose_train, tiny_overrides
+from tests.wandb_fake import ServerRun, fake_api, read_records, replay_run_record
 
 # (pe, attention, seed): 2 PEs x 2 attentions with rope/flash missing (an n/a heatmap cell) and a second
 # seed of rope/regular.
@@ -320,45 +321,47 @@ def test_bench_plot_uses_the_report_colours_and_order():
     assert bench_report.figure({"results": [results[-1]]}) is None
 
 
-class FakeRun:
-    """What wandb.Api().runs() yields, built from a local run record as the trainer's W&B logger logs it."""
-
-    def __init__(self, run_dir, run_id):
-        summary = json.loads((run_dir / "summary.json").read_text())
-        self.id, self.name, self.group = run_id, summary["run_name"], summary.get("sweep")
-        self.config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-        self.tags = [f"pe:{summary['pe']}", f"attention:{summary['attention']}", f"sweep:{self.group}"]
-        self.state = {"running": "running", "failed": "crashed"}.get(summary["status"], "finished")
-        self.summary = {**{k: v for k, v in summary.items() if v is not None}, "_runtime": 12.5}
-        self._rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-    def scan_history(self):
-        for i, row in enumerate(self._rows):
-            yield {"trainer/step": row["step"], "_step": i, "_runtime": 1.0,
-                   **{k: v for k, v in row.items() if k != "step" and v is not None}}
+@pytest.fixture(scope="module")
+def wandb_server(runs_root, tmp_path_factory):
+    """The tiny sweep's run records as a W&B server holds them once uploaded: each logged through the trainer's
+    own WandbLogger with the real SDK (offline), its transaction log read back (tests/wandb_fake.py)."""
+    out = tmp_path_factory.mktemp("wandb_replay")
+    with pytest.MonkeyPatch.context() as env:
+        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+            env.setenv(var, str(out / var.lower()))
+        env.setenv("WANDB_MODE", "offline")
+        logs = [replay_run_record(d, out / d.name) for d in sorted((runs_root / "tiny").iterdir())]
+    return [ServerRun.from_records(read_records(log)) for log in logs]
 
 
-class FakeApi:
-    def __init__(self, runs):
-        self._runs, self.calls = runs, []
+@pytest.mark.slow
+def test_wandb_runs_load_like_local_ones_and_are_cached(wandb_server, local, tmp_path):
+    apis = []
 
-    def runs(self, path, filters=None):
-        self.calls.append((path, filters))
-        return [r for r in self._runs if not filters or r.group == filters["group"]]
+    def api_factory():  # a real wandb.Api over a fake transport (tests/wandb_fake.py)
+        apis.append(fake_api(wandb_server, "team", "pegrid"))
+        return apis[-1]
 
-
-def test_wandb_runs_load_like_local_ones_and_are_cached(runs_root, local, tmp_path):
-    fake = FakeApi([FakeRun(d, f"id{i}") for i, d in enumerate(sorted((runs_root / "tiny").iterdir()))])
-    loaded = load_wandb("team/pegrid", "tiny", tmp_path, api_factory=lambda: fake)
-    assert fake.calls == [("team/pegrid", {"group": "tiny"})]
+    loaded = load_wandb("team/pegrid", "tiny", tmp_path, api_factory=api_factory)
+    [api] = apis
+    requests = api._service_api.requests
+    assert [v["filters"] for op, v in requests if op == "Runs"] == [json.dumps({"group": "tiny"})]
+    assert sum(op == "scan_run_history_init" for op, _ in requests) == 5  # scan_history, not sampled history()
     runs = loaded.runs.set_index("name").sort_index()
     expected = local.runs[local.runs["sweep"] == "tiny"].set_index("name").sort_index()
     for column in ["pe", "attention", "seed", "sweep", "status", "val/loss", "hellaswag/acc_norm", "tokens",
-                   "extrapolation/loss_x2", "perf/tokens_per_s"]:
+                   "extrapolation/loss_x2", "perf/tokens_per_s", "model.n_layer", "trainer.max_steps", "device"]:
         pd.testing.assert_series_equal(runs[column], expected[column], check_names=False)
-    assert set(loaded.runs["run_id"]) == {f"team/pegrid/id{i}" for i in range(5)}
-    history = loaded.history[loaded.history["run_id"] == "team/pegrid/id0"]
-    assert list(history["step"]) == [1, 2, 3] and "_runtime" not in loaded.history
+    assert set(loaded.runs["run_id"]) == {f"team/pegrid/{r.run_id}" for r in wandb_server}
+    assert list(loaded.runs.columns) == list(local.runs.columns)  # no W&B-only column (its step metric)
+    for run in wandb_server:  # the same histories, but for perf/mfu: None on CPU, which W&B is not sent
+        history = loaded.history[loaded.history["run_id"] == f"team/pegrid/{run.run_id}"].drop(columns="run_id")
+        local_id = expected.loc[run.display_name, "run_id"]
+        local_history = local.history[local.history["run_id"] == local_id].drop(columns=["run_id", "perf/mfu"])
+        pd.testing.assert_frame_equal(history.dropna(axis=1, how="all").reset_index(drop=True),
+                                      local_history.dropna(axis=1, how="all").reset_index(drop=True),
+                                      check_like=True)
+    assert "_runtime" not in loaded.history and not any(c.startswith("report/") for c in loaded.history)
 
     def unreachable():
         raise AssertionError("the cache should have answered")
@@ -366,8 +369,8 @@ def test_wandb_runs_load_like_local_ones_and_are_cached(runs_root, local, tmp_pa
     cached = load_wandb("team/pegrid", "tiny", tmp_path, api_factory=unreachable)
     pd.testing.assert_frame_equal(cached.runs, loaded.runs)
     pd.testing.assert_frame_equal(cached.history, loaded.history)
-    load_wandb("team/pegrid", "tiny", tmp_path, refresh=True, api_factory=lambda: fake)
-    assert len(fake.calls) == 2
+    load_wandb("team/pegrid", "tiny", tmp_path, refresh=True, api_factory=api_factory)
+    assert len(apis) == 2
 
 
 def test_wandb_unavailable_is_one_line_naming_the_offline_alternative(tmp_path):

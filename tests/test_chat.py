@@ -21,13 +21,13 @@ import torch
 import yaml
 
 from src.atomic import atomic_write_json
-from src.chat.export import export
-from src.chat.export import main as export_main
 from src.chat.generate import Conversation, SamplingConfig, context_window, decode_stream, generate_tokens, sample
 from src.chat.store import ModelStore, discover_models, load
 from src.chat.terminal import main as chat_main
 from src.checkpoint import load_model, save_checkpoint
 from src.data.tokenizer import EOT_TOKEN, get_tokenizer
+from src.export import export
+from src.export.__main__ import main as export_main
 from src.metrics import VAL_LOSS, label
 from src.model import build_model
 from src.training.trainer import train
@@ -76,7 +76,7 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     run_dir = root / "rope-run"
     train(compose_train(tiny_overrides(root / "data", steps=2, extra=["model/pe=rope"])), run_dir)
-    return run_dir, export(run_dir, root / "exports" / "rope-flash")
+    return run_dir, export(run_dir, root / "exports" / "rope-flash").folder
 
 
 # ----------------------------------------------------------------------------------------------- (a) KV cache
@@ -225,7 +225,9 @@ def test_export_round_trip_and_model_card(trained_run):
     summary = yaml.safe_load((run_dir / "summary.json").read_text())
     assert "| positional encoding | rope |" in card and "| attention | flash |" in card
     assert f"| {label(VAL_LOSS)} | {summary[VAL_LOSS]:.4f} |" in card
-    assert "extrapolates" in card and summary["run_name"] in card
+    assert summary["run_name"] in card and "the PE takes longer inputs" in card  # qualified, never a bare claim
+    assert ("no `transformers/` folder: transformers' GPT2LMHeadModel cannot hold this model: its PE (rope) has no "
+            "learned position table") in card
 
 
 def test_export_rejects_a_bad_run_dir(tmp_path, capsys):
@@ -321,7 +323,7 @@ def test_store_keeps_one_model_resident(tmp_path):
     for seed, pe in enumerate(PES):
         cfg = dict(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=50304,
                    pe={"name": pe}, attention={"name": "flash"})
-        exports.append(export(fake_run(tmp_path / pe, cfg, seed), tmp_path / "exports" / pe))
+        exports.append(export(fake_run(tmp_path / pe, cfg, seed), tmp_path / "exports" / pe).folder)
     model_bytes = (exports[0] / "model.safetensors").stat().st_size
     assert model_bytes > 20e6
     assert discover_models(tmp_path / "exports") == sorted(str(e) for e in exports)

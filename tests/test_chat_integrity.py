@@ -12,9 +12,9 @@ import huggingface_hub
 import pytest
 
 from src.chat import terminal as chat
-from src.chat.export import export, model_card
 from src.chat.generate import SamplingConfig
 from src.chat.store import LoadedModel, ModelLoadError, load, local_path
+from src.export import export, model_card
 from src.metrics import (
     HELLASWAG_ACC_NORM,
     TRAIN_LOSS,
@@ -224,7 +224,7 @@ def test_chat_imports_nothing_from_training():
     """The chat, the export and the Streamlit page need a model, not the trainer (src/run_record.py and
     src/device.py are the neutral modules they share with it)."""
     pytest.importorskip("streamlit")
-    code = ("import sys, runpy; import src.chat.export, src.chat.terminal, src.chat.store, src.chat.generate; "
+    code = ("import sys, runpy; import src.export, src.chat.terminal, src.chat.store, src.chat.generate; "
             "runpy.run_path('app.py', run_name='imported'); "
             "print(sorted(m for m in sys.modules if m.startswith('src.training')))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -12,7 +12,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.chat.export import export
 from src.chat.generate import Conversation, SamplingConfig, decode_stream, generate_tokens
 from src.chat.store import ModelLoadError, load
 from src.chat.terminal import main as chat_main
@@ -21,6 +20,7 @@ from src.data import DataConfig, prepare
 from src.data.prepare import dataset_dir
 from src.data.tokenizer import check_vocab_fits, get_tokenizer, padded_vocab_size
 from src.eval.suite import check_tokenizer, run_evaluation
+from src.export import export
 from src.model import build_model
 from tests.conftest import ROOT, tiny_model_cfg
 from tests.train_helpers import compose_train
@@ -181,7 +181,7 @@ def test_chat_and_export_of_a_byte_model(tmp_path, capsys):
     assert chat_main(argv) == 0
     out = capsys.readouterr()
     assert "tokenizer=bytes" in out.err and out.out.endswith("\n")
-    out_dir = export(run, tmp_path / "export")
+    out_dir = export(run, tmp_path / "export").folder
     assert load(str(out_dir)).tokenizer == "bytes"
     card = (out_dir / "README.md").read_text()
     assert "UTF-8 bytes (256 ids" in card and "GPT-2 BPE" not in card

@@ -3,6 +3,6 @@
 - `generate.py`: sampling, the PE-aware context window, streamed decoding;
 - `store.py`: load a run dir / checkpoint / export / Hub id / HF GPT-2, and a bounded cache of loaded models;
 - `terminal.py`: `python -m src.chat` (the terminal chat);
-- `export.py`: `python -m src.chat.export` (a Hub-ready folder).
+The Hub export is `src/export/` (`python -m src.export`).
 The Streamlit page (`app.py`) is built from the same pieces.
 """

@@ -1,7 +1,7 @@
 """Find, load and keep trained models for chatting, within a memory budget.
 
 A model is named by a *spec* string:
-- a local path: a run dir (its newest checkpoint), a checkpoint dir, or a folder made by `python -m src.chat.export`;
+- a local path: a run dir (its newest checkpoint), a checkpoint dir, or a folder made by `python -m src.export`;
 - `ORG/REPO` or `ORG/REPO/NAME`: an export folder on the Hugging Face Hub (NAME: a subfolder of the repo),
   downloaded into the Hub cache (~/.cache/huggingface) by `huggingface_hub.snapshot_download`;
 - `hf:ID` (e.g. `hf:gpt2`): a `transformers` GPT-2 from the Hub (or a local `save_pretrained` folder),
@@ -108,10 +108,13 @@ def read_tokenizer(folder: Path) -> str | None:
 
 
 def discover_models(runs_dir: str | Path) -> list[str]:
-    """Local model specs under `runs_dir`: run dirs with a checkpoint, and export folders, sorted."""
+    """Local model specs under `runs_dir`: run dirs with a checkpoint, and export folders, sorted (not an export's
+    `transformers/` copy, whose weights sit without a model_config.json: the same model, in transformers' names)."""
     found = set()
     for weights in Path(runs_dir).glob(f"**/{WEIGHTS}"):
         folder = weights.parent
+        if not (folder / MODEL_CONFIG).is_file():
+            continue
         if folder.parent.name == "checkpoints":
             if not folder.name.startswith("step_"):
                 continue  # a checkpoint being written (.tmp_step_*)

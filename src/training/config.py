@@ -5,6 +5,7 @@ differs from them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,12 +91,21 @@ class LoggerConfig:
     group: str | None = None  # one W&B group per sweep
     tags: list[str] = field(default_factory=list)
     mode: str = "online"  # online | offline | disabled
+    # online only: sleep a per-job delay in [0, init_stagger_s) before wandb.init, so the jobs of a SLURM array
+    # that start together do not all hit W&B at once (its rate limits; src/training/loggers.py `init_delay`)
+    init_stagger_s: float = 0.0
+    init_retries: int = 2  # online only: wandb.init tried again this many times on a communication error
 
     def __post_init__(self) -> None:
         if self.name not in ("none", "wandb"):
             raise ConfigError(f"logger.name must be 'none' or 'wandb', got '{self.name}'")
         if self.mode not in ("online", "offline", "disabled"):
             raise ConfigError(f"logger.mode must be online, offline or disabled, got '{self.mode}'")
+        if not 0 <= self.init_stagger_s < math.inf:
+            raise ConfigError(f"logger.init_stagger_s must be a number of seconds >= 0 (0: no stagger), "
+                              f"got {self.init_stagger_s}")
+        if self.init_retries < 0:
+            raise ConfigError(f"logger.init_retries must be an integer >= 0, got {self.init_retries}")
 
 
 store_schema("trainer", TrainerConfig)

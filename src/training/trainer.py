@@ -469,6 +469,8 @@ class TrainingRun:
                 **self.eval_metrics, **{ELAPSED: self.elapsed()}, **_perf_summary(self.record),
             )
             self.logger.summary(summary)
+            if status == "finished":
+                self.logger.final_report(self.record.run_dir)  # W&B: the report's figures, the eval table
             self.logger.finish(0 if status == "finished" else 1)
         return summary
 
