@@ -81,6 +81,12 @@ def _combinations(runs: pd.DataFrame, details: dict[str, dict], name: str):
     return found, missing
 
 
+def _seeds_text(seed_counts) -> str:
+    """How the curves pool seeds, for a title (a single run is not called a mean)."""
+    most = max(seed_counts, default=1)
+    return f"mean of up to {most} seeds" if most > 1 else "one seed"
+
+
 def _missing_note(figure: str, missing: list[str], what: str) -> list[str]:
     return [f"{figure}: left out (no {what} in eval_details.json): {', '.join(missing)}"] if missing else []
 
@@ -149,7 +155,7 @@ def loss_by_position(runs: pd.DataFrame, details: dict[str, dict]) -> Drawn:
     run has: 8L for most PEs, L for learned), binned into bins of max(1, L // 8) positions (count-weighted),
     one panel per attention, one curve per PE (seed mean); a dashed line at the training context L."""
     found, missing = _combinations(runs, details, LOSS_BY_POSITION)
-    curves, notes, lengths, widths = {}, [], set(), set()
+    curves, notes, lengths, widths, seed_counts = {}, [], set(), set(), []
     for (pe, attention), (records, unfinished) in found.items():
         parsed = [(r, c) for r in records if (c := position_curve(details[r["run_id"]])) is not None]
         if not parsed:
@@ -165,6 +171,7 @@ def loss_by_position(runs: pd.DataFrame, details: dict[str, dict]) -> Drawn:
         with _quiet_nanmean():
             y = np.nanmean(np.stack([c[3] for _, c in same]), axis=0)
         curves[(pe, attention)] = (x, y, m, unfinished)
+        seed_counts.append(len(same))
         lengths.add(length)
         widths.add(bin_width(length))
     notes += _missing_note("Loss by position", sorted(missing), "loss_by_position")
@@ -192,7 +199,8 @@ def loss_by_position(runs: pd.DataFrame, details: dict[str, dict]) -> Drawn:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean next-token loss (nats)")
     width_text = "/".join(str(w) for w in sorted(widths))
-    _title(fig, f"Loss by position, longest window per PE (bins of {width_text} positions, seed mean)")
+    _title(fig, f"Loss by position, longest window per PE (bins of {width_text} positions, "
+                f"{_seeds_text(seed_counts)})")
     _legend(fig, pes, [Line2D([], [], label="training context L", **CONTEXT_LINE)])
     return Drawn(fig, notes)
 
@@ -390,7 +398,7 @@ def attention_stats(runs: pd.DataFrame, details: dict[str, dict]) -> Drawn:
     extra = [Line2D([], [], color="grey", label=context(short), **SHORT_STYLE)]
     if long != short:
         extra.append(Line2D([], [], color="grey", label=context(long), **LONG_STYLE))
-    _title(fig, "Attention per layer (mean over heads and queries, seed mean)")
+    _title(fig, f"Attention per layer (mean over heads and queries, {_seeds_text(len(r) for r, _ in found.values())})")
     _legend(fig, pes, extra, title="PE (colour) / context (style)")
     return Drawn(fig, notes)
 

@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from src.atomic import fsync_dir, fsync_tree
 from src.errors import ConfigError
 from src.model import PE_REGISTRY, build_model
 from src.model.gpt import GPT
@@ -73,9 +74,11 @@ def save_checkpoint(ckpt_root: Path, step: int, model: GPT, model_config: dict, 
     save_file(weights, str(tmp / WEIGHTS))
     (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2))
     torch.save(training_state, tmp / TRAINING_STATE)
+    fsync_tree(tmp)  # on disk before it gets the name that says "complete" (a power loss must not leave zeros)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(ckpt_root)
     for old in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -210,7 +210,11 @@ def test_style_orders_variants_after_their_base_in_a_shade_of_its_colour():
 def test_loss_by_position_is_the_count_weighted_bin_mean_of_the_longest_window(study):
     drawn = positions.loss_by_position(study.runs, study.details)
     fig, width = drawn.figure, L // 8
-    assert f"(bins of {width} positions, seed mean)" in fig.get_suptitle()
+    assert f"(bins of {width} positions, mean of up to 2 seeds)" in fig.get_suptitle()
+    one_run = study.runs[(study.runs["pe"] == "rope") & (study.runs["seed"] == 1)].head(1)
+    for draw in (positions.loss_by_position, positions.attention_stats):  # one run is not called a mean
+        title = draw(one_run, study.details).figure.get_suptitle()
+        assert "one seed" in title and "mean of" not in title, title
     regular = panel(fig, "attention: regular")
     # rope/regular: two seeds, 8L positions, each seed binned by count, then the seed mean
     expected = []

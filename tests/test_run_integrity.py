@@ -4,6 +4,7 @@ stop signals, damaged checkpoints (issue #13, items 1-6), failures while setting
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -14,14 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.checkpoint import list_checkpoints, load_model
+from src.checkpoint import list_checkpoints, load_model, save_checkpoint
 from src.data import TokenLoader
+from src.model import build_model
 from src.preflight import BAD_INPUT
 from src.training import trainer
 from src.training.fingerprint import config_fingerprint
 from src.training.run_lock import RunDirLocked, RunLock
 from src.training.trainer import TrainingDiverged, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_model_cfg
 from tests.train_helpers import compose_train, next_batch_that_signals, tiny_overrides
 from tests.train_helpers import record_rows as rows
 from tests.train_helpers import train_losses as losses
@@ -342,3 +344,19 @@ def test_the_summary_records_a_fingerprint_of_what_changes_results(data_dir, tmp
     assert config_fingerprint(compose_train(tiny_overrides(data_dir, steps=3))) != fingerprint
     for changed in (["trainer.lr=1e-4"], ["model/pe=alibi"], ["eval.val.num_tokens=256"]):
         assert config_fingerprint(compose_train(tiny_overrides(data_dir, extra=changed))) != fingerprint
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_named_complete(tmp_path, monkeypatch):
+    """Every file of a checkpoint, and its folder, are fsynced before the rename that makes it `step_*`; the
+    parent folder after it (a power loss must leave the old checkpoint or a whole new one, not zero-filled files)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                  real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(dst))), real_replace(src, dst)))
+    cfg = tiny_model_cfg("learned", "flash")
+    final = save_checkpoint(tmp_path / "checkpoints", 3, build_model(cfg), cfg, {"step": 3}, keep_last=1)
+    rename = events.index(("replace", str(final)))
+    synced_before = {os.path.basename(path) for kind, path in events[:rename] if kind == "fsync"}
+    assert {p.name for p in final.iterdir()} | {".tmp_step_00000003"} <= synced_before
+    assert ("fsync", str(tmp_path / "checkpoints")) in events[rename:]
