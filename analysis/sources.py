@@ -39,6 +39,7 @@ from analysis.metrics import SUMMARY_METRICS
 from src.metrics import PE_VARIANT, base_pe_name, variant_pe_name
 from src.run_record import DETAILS_FILE, RunRecord
 from src.structured import nested_get
+from src.training.run_lock import dead_holder
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
@@ -242,6 +243,17 @@ def read_details(run_dir: Path) -> dict | None:
     return details
 
 
+def _local_status(run_dir: Path, summary: dict) -> dict:
+    """The record's status and error; a record that says "running" whose process is gone failed (as W&B calls a
+    killed run), with an error saying so: kill -9 or the OOM killer leave no word in summary.json."""
+    status, error = summary.get("status", "unknown"), summary.get("error")
+    if status == "running" and (holder := dead_holder(run_dir)):
+        status, error = "failed", (f"its process ({holder}) ended without writing its end (killed: kill -9, out of "
+                                   f"memory?) at step {summary.get('step')}; the same command resumes it from its "
+                                   "newest checkpoint")
+    return {"status": status, "error": error}
+
+
 def load_local_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     record = RunRecord(run_dir)
     summary = record.read_summary()
@@ -258,8 +270,7 @@ def load_local_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
         "attention": _first_present(summary.get("attention"), nested_get(config, "model.attention.name")),
         "seed": _first_present(summary.get("seed"), nested_get(config, "trainer.seed")),
         "sweep": _first_present(summary.get("sweep"), config.get("sweep_name")),
-        "status": summary.get("status", "unknown"),
-        "error": summary.get("error"),
+        **_local_status(run_dir, summary),
         "source": "local",
         "location": run_id,
         "num_params": summary.get("num_params"),

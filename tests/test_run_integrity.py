@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from analysis.sources import load_local
 from src.checkpoint import list_checkpoints, load_model, save_checkpoint
 from src.data import TokenLoader
 from src.model import build_model
@@ -290,6 +291,28 @@ def test_sigterm_to_the_cli_saves_the_step_and_exits_cleanly(data_dir, tmp_path)
     record = summary(run_dir)
     assert record["status"] == "interrupted" and record["stopped_by"] == "SIGTERM"
     assert list_checkpoints(run_dir / "checkpoints")[-1].name == f"step_{record['step']:08d}"
+
+
+def test_a_run_killed_without_a_word_reads_as_failed_not_running(data_dir, tmp_path):
+    """kill -9 leaves summary.json saying "running"; the analysis sees that no process holds the record and calls
+    it failed, saying why (while the process lives, it is running)."""
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "src.train",
+               *tiny_overrides(data_dir, steps=4000, extra=[f"runs_dir={tmp_path}", "run_name=killed"])]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((run_dir / "summary.json").exists()
+                                               and summary(run_dir).get("step", 0) >= 3):
+        time.sleep(0.2)
+    [live] = load_local([tmp_path]).runs.to_dict("records")
+    proc.kill()
+    proc.wait(timeout=60)
+    assert live["status"] == "running" and summary(run_dir)["status"] == "running"
+    [dead] = load_local([tmp_path]).runs.to_dict("records")
+    assert dead["status"] == "failed"
+    assert dead["error"].startswith(f"its process (PID {proc.pid} on ")
+    assert "the same command resumes it" in dead["error"]
+    assert summary(run_dir)["status"] == "running"  # the record itself is left as it is: a resume takes it over
 
 
 # ---------------------------------------------------------------------------------------------- 6. damaged checkpoints

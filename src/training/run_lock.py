@@ -3,6 +3,7 @@
 A second process on the same run dir (a re-submitted job, the same command typed twice) fails within
 seconds naming the holder's host and PID, instead of interleaving steps in one record. The kernel drops
 the lock when its holder dies (even by kill -9), so a lock left by a dead process is simply taken over.
+`dead_holder` tells readers (the analysis) that a record still saying "running" has no process behind it.
 """
 
 from __future__ import annotations
@@ -58,3 +59,23 @@ class RunLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+
+def dead_holder(run_dir: Path) -> str | None:
+    """The lock's last holder, if it was a process on this machine that no longer exists (it died without a
+    word: kill -9, the OOM killer); None if it lives, ran on another host, or is not known. Reads the holder
+    file only: taking the lock to probe it would make a run starting at that moment fail."""
+    try:
+        who = json.loads((run_dir / LOCK_FILE).read_text())
+        host, pid = who["host"], int(who["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return f"PID {pid} on {host}, since {who.get('since', '?')}"
+    except PermissionError:  # it exists, as another user's
+        pass
+    return None
