@@ -185,6 +185,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return load(oldest)
 
 
+def pe_variant(model: GPT, ckpt_dir: Path, pe_overrides: dict) -> str | None:
+    """The name of the PE variant `model` (loaded from `ckpt_dir` with `pe_overrides`) is: the PE's own
+    (`variant_name`, e.g. "yarn×4"), else the overrides that differ from the trained PE ("base=500000"), leaving out
+    the keys `variant_name` speaks for; None when nothing differs (a scaling factor of 1, a value equal to the
+    trained one or to its schema default)."""
+    if not pe_overrides:
+        return None
+    _, pe = model.attention_layers()[0]
+    named = pe.variant_name()
+    if named:
+        return named
+    # the trained PE with its schema's defaults filled in: model.config.pe already holds the overrides
+    trained = OmegaConf.structured(PE_REGISTRY.resolve(read_model_config(ckpt_dir).get("pe") or {})[0])
+    changed = {k: v for k, v in dotted_leaves(pe_overrides).items()
+               if OmegaConf.select(trained, k) != v and k.split(".")[0] not in pe.variant_keys}
+    return ",".join(f"{k}={v}" for k, v in changed.items()) or None
+
+
 def with_pe_overrides(pe_config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     """The saved PE config with `overrides` merged in, checked against the PE's schema (a typo, a wrong type or
     a bad value is a ConfigError naming it, not a damaged checkpoint)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,12 @@ DETAILS_FILE = "eval_details.json"
 VARIANTS_DIR = "variants"
 RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", DETAILS_FILE, VARIANTS_DIR, "checkpoints",
                 "wandb_run_id.txt", "wandb")
+
+
+def variant_record_dir(run_dir: Path, variant: str) -> Path:
+    """Where the record of `run_dir`'s checkpoint evaluated as PE variant `variant` lives: "yarn×4" ->
+    <run_dir>/variants/yarn-x4/."""
+    return run_dir / VARIANTS_DIR / re.sub(r"[^A-Za-z0-9._=-]+", "_", variant.replace("×", "-x"))
 
 
 class RunRecord:

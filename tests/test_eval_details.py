@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from src.checkpoint import save_checkpoint
+from src.atomic import atomic_write_json
+from src.checkpoint import load_model, pe_variant, save_checkpoint
 from src.errors import ConfigError
 from src.eval.config import DetailsConfig, ExtrapolationConfig
 from src.eval.details import attention_statistics, bias_by_distance, evaluation_details
@@ -329,6 +330,34 @@ def test_train_refuses_a_stride_longer_than_the_context_before_training(tmp_path
     assert proc.returncode == 2 and "eval.extrapolation.stride=100 exceeds" in proc.stderr
     assert proc.stderr.count("\n") == 1
     assert not any(tmp_path.rglob("metrics.jsonl"))
+
+
+@pytest.mark.parametrize(("overrides", "variant"), [
+    ({"base": 500000.0}, "base=500000.0"),  # a setting the PE does not name itself is named by its key
+    ({"base": 10000.0}, None),  # RoPE's default: the trained PE
+    ({"scaling": {"type": "yarn", "factor": 4}}, "yarn×4"),
+    ({"scaling": {"type": "yarn", "factor": 1}}, None),  # plain RoPE, bit for bit
+])
+def test_a_pe_variant_is_named_against_the_trained_pe(tmp_path, overrides, variant):
+    cfg = tiny_model_cfg("rope", "regular")
+    save_checkpoint(tmp_path / "checkpoints", 1, build_model(cfg), cfg, {"step": 1}, keep_last=1)
+    model, ckpt_dir = load_model(tmp_path, "cpu", overrides)
+    assert pe_variant(model, ckpt_dir, overrides) == variant
+
+
+def test_the_chat_shows_a_variants_own_numbers_never_the_runs(tmp_path):
+    from src.chat.store import load
+
+    cfg = tiny_model_cfg("rope", "regular")
+    save_checkpoint(tmp_path / "checkpoints", 1, build_model(cfg), cfg, {"step": 1}, keep_last=1)
+    atomic_write_json(tmp_path / "summary.json", {"run_name": "r", VAL_LOSS: 2.5, "seed": 0})
+    yarn = {"scaling": {"type": "yarn", "factor": 4}}
+    assert load(str(tmp_path), "cpu").metrics == {VAL_LOSS: 2.5}
+    assert load(str(tmp_path), "cpu", yarn).metrics == {}  # not evaluated as yarn×4: no number at all
+    (tmp_path / "variants" / "yarn-x4").mkdir(parents=True)
+    atomic_write_json(tmp_path / "variants" / "yarn-x4" / "summary.json", {PE_VARIANT: "yarn×4", VAL_LOSS: 2.75})
+    assert load(str(tmp_path), "cpu", yarn).metrics == {VAL_LOSS: 2.75}
+    assert load(str(tmp_path), "cpu", {"base": 500000.0}).info["pe"] == "rope+base=500000.0"  # not "rope"
 
 
 def test_chat_takes_pe_overrides(tmp_path):

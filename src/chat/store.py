@@ -27,14 +27,14 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, load_model
+from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, load_model, pe_variant
 from src.data.tokenizer import DEFAULT_TOKENIZER, check_vocab_fits
 from src.device import release_freed_memory
 from src.errors import ConfigError
 from src.metrics import is_model_score, variant_pe_name
 from src.model import from_hf_gpt2
 from src.model.gpt import GPT
-from src.run_record import RunRecord
+from src.run_record import RunRecord, variant_record_dir
 
 HF_PREFIX = "hf:"
 # One name of a Hub id, by huggingface_hub's validate_repo_id rules: [\w.-], no leading/trailing . or -, no -- or ..
@@ -59,14 +59,14 @@ class LoadedModel:
     summary: dict[str, Any] = field(default_factory=dict)  # the run's summary.json, if it has one
     load_seconds: float = 0.0
     tokenizer: str = DEFAULT_TOKENIZER  # the name of the tokenizer its ids belong to (data.tokenizer)
+    variant: str | None = None  # the PE variant its overrides make ("yarn×4", "base=500000"), None if plain
 
     @property
     def info(self) -> dict[str, Any]:
         """PE, attention and size of the model, for a model card or a UI."""
         cfg = self.model.config
-        _, pe = self.model.attention_layers()[0]
         return {
-            "pe": variant_pe_name(self.model.pe_config.name, pe.variant_name()),  # rope+yarn×4 with --pe overrides
+            "pe": variant_pe_name(self.model.pe_config.name, self.variant),  # rope+yarn×4 with --pe overrides
             "attention": self.model.attention_config.name,
             "num_params": sum(p.numel() for p in self.model.parameters()),
             "n_layer": cfg.n_layer,
@@ -83,13 +83,17 @@ class LoadedModel:
         return {k: v for k, v in sorted(self.summary.items()) if is_model_score(k) and v is not None}
 
 
-def read_summary(folder: Path) -> dict[str, Any]:
+def read_summary(folder: Path, variant: str | None = None) -> dict[str, Any]:
     """summary.json of a run dir or export folder, or of the run a checkpoint dir belongs to; {} if none
-    (or unreadable)."""
+    (or unreadable). For a PE variant ("yarn×4"), its own record's (python -m src.eval +model.pe...), or the
+    run's without its scores when the variant was not evaluated: the run's numbers are another model's."""
     for run_dir in (folder, folder.parent.parent):
         summary = RunRecord(run_dir).read_summary()
         if summary:
-            return summary
+            if variant is None:
+                return summary
+            measured = RunRecord(variant_record_dir(run_dir, variant)).read_summary()
+            return measured or {k: v for k, v in summary.items() if not is_model_score(k)}
     return {}
 
 
@@ -205,13 +209,18 @@ def load(spec: str, device: str = "cpu", pe_overrides: dict | None = None) -> Lo
             raise ModelLoadError(f"no model at {spec}: {NO_MODEL_HINT}")
     except (CheckpointError, ConfigError) as err:  # ConfigError: a PE override the checkpoint's PE does not take
         raise ModelLoadError(str(err)) from err
-    summary, recorded = ({}, None) if spec.startswith(HF_PREFIX) else (read_summary(source), read_tokenizer(source))
+    if spec.startswith(HF_PREFIX):
+        summary, recorded, variant = {}, None, None
+    else:
+        variant = pe_variant(model, source, pe_overrides or {})
+        summary, recorded = read_summary(source, variant), read_tokenizer(source)
     if recorded is not None:  # a model without its run's config is taken to speak GPT-2, as hf: models do
         try:
             check_vocab_fits(model.config.vocab_size, recorded)
         except ValueError as err:
             raise ModelLoadError(f"{source}: {err}") from err
-    return LoadedModel(spec, model, source, summary, time.perf_counter() - start, recorded or DEFAULT_TOKENIZER)
+    return LoadedModel(spec, model, source, summary, time.perf_counter() - start, recorded or DEFAULT_TOKENIZER,
+                       variant)
 
 
 class ModelStore:

@@ -16,7 +16,6 @@ the same checkpoints:
 On CUDA the model runs under bf16 autocast, as in training. Bad input is one line on stderr and exit status 2.
 """
 
-import re
 from pathlib import Path
 
 import hydra
@@ -24,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from src.atomic import atomic_write_json
-from src.checkpoint import CheckpointError, load_model
+from src.checkpoint import CheckpointError, load_model, pe_variant
 from src.data import DataUnavailableError, ensure_prepared
 from src.data.tokenizer import DEFAULT_TOKENIZER
 from src.device import autocast_for, resolve_device
@@ -32,8 +31,7 @@ from src.errors import ConfigError, exit_bad_input
 from src.eval.hellaswag import HellaSwagUnavailableError, ensure_hellaswag
 from src.eval.suite import check_eval_config, eval_config, evaluate_suite
 from src.metrics import EVAL_CHECKPOINT, EVAL_PRESET, PE_VARIANT
-from src.run_record import DETAILS_FILE, VARIANTS_DIR, RunRecord
-from src.structured import dotted_leaves
+from src.run_record import DETAILS_FILE, RunRecord, variant_record_dir
 
 # What a variant record copies from its run's summary: who the run is, not what it measured.
 IDENTITY_KEYS = ("run_name", "pe", "attention", "sweep", "seed", "num_params", "max_steps", "step", "tokens",
@@ -67,29 +65,10 @@ def print_table(results: dict) -> None:
         print(f"{name:<{width}}  {shown:>10}")
 
 
-def variant_dir_name(variant: str) -> str:
-    """A directory name for a variant: "yarn×4" -> "yarn-x4"."""
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", variant.replace("×", "-x"))
-
-
-def pe_variant(model, pe_overrides: dict) -> str | None:
-    """The variant's name: the PE's own (`variant_name`, e.g. "yarn×4"), else the overrides themselves
-    ("base=500000"); None when the overrides leave the PE as it trained (e.g. a scaling factor of 1)."""
-    if not pe_overrides:
-        return None
-    _, pe = model.attention_layers()[0]
-    named = pe.variant_name()
-    if named:
-        return named
-    trained = OmegaConf.create(model.config.pe)
-    changed = {k: v for k, v in dotted_leaves(pe_overrides).items() if OmegaConf.select(trained, k) != v}
-    return ",".join(f"{k}={v}" for k, v in changed.items()) or None
-
-
 def write_variant_record(run_dir: Path, variant: str, pe_overrides: dict, config: DictConfig, record: dict,
                          details: dict | None) -> Path:
     """<run_dir>/variants/<variant>/: the run's config with the PE overrides, its identity, these results."""
-    variant_record = RunRecord(run_dir / VARIANTS_DIR / variant_dir_name(variant))
+    variant_record = RunRecord(variant_record_dir(run_dir, variant))
     variant_config = OmegaConf.merge(config, {"model": {"pe": pe_overrides}})
     variant_record.save_config(variant_config)
     identity = {k: v for k, v in RunRecord(run_dir).read_summary().items() if k in IDENTITY_KEYS}
@@ -115,7 +94,7 @@ def evaluate(cfg: DictConfig) -> None:
         ensure_hellaswag(eval_cfg.hellaswag)  # fail in seconds when offline, before any work is done
     shard_dir = ensure_prepared(config.data)
     evaluation = evaluate_suite(model, eval_cfg, shard_dir, device, autocast_for(device, "auto"), details=True)
-    variant = pe_variant(model, pe_overrides)
+    variant = pe_variant(model, ckpt_dir, pe_overrides)
     print(f"{ckpt_dir} on {device}" + (f", PE variant {variant}" if variant else "") + ":")
     print_table(evaluation.metrics)
     preset = HydraConfig.get().runtime.choices.get("eval") if HydraConfig.initialized() else None

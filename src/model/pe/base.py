@@ -65,6 +65,10 @@ class PositionalEncoding(nn.Module):
         elementwise (no reductions). Default: the closed form, so no [H, Tq, Tk] bias is materialised."""
         return lambda h, q_idx, kv_idx: self.bias(h, q_pos[q_idx].float(), k_pos[kv_idx].float())
 
+    # Config keys whose value `variant_name` names (RoPE: "scaling"). Overrides of other keys name themselves
+    # ("base=500000"); overrides of these that `variant_name` calls plain (factor 1) are no variant at all.
+    variant_keys: tuple[str, ...] = ()
+
     def variant_name(self) -> str | None:
         """A short name of this PE's inference-time setting when it is not the plain one the PE trains with
         (RoPE's `scaling`: "yarn×4"), None when it is plain. A checkpoint evaluated with such a setting is

@@ -145,6 +145,8 @@ class RoPE(PositionalEncoding):
         rotated = (x_even * cos - x_odd * sin, x_even * sin + x_odd * cos)
         return torch.stack(rotated, dim=-1).flatten(-2)
 
+    variant_keys = ("scaling",)
+
     def variant_name(self) -> str | None:
         scaling = self.cfg.scaling
         return None if scaling.is_plain else f"{scaling.type}×{scaling.factor:g}"
