@@ -94,10 +94,8 @@ def sidebar(roots: list[Path]) -> tuple[str | None, SamplingConfig, int | None, 
 
 def show_model(loaded: LoadedModel) -> None:
     info, metrics = loaded.info, loaded.metrics
-    context = (f"{info['max_context']} tokens" if info["max_context"] is not None
-               else f"trained on {info['block_size']}, extrapolates")
     st.caption(f"PE **{info['pe']}** · attention **{info['attention']}** · {info['num_params']:,} parameters · "
-               f"context {context} · loaded in {loaded.load_seconds:.1f} s")
+               f"context: {loaded.context} · loaded in {loaded.load_seconds:.1f} s")
     shown = {k: metrics[k] for k in (VAL_LOSS, TRAIN_LOSS, HELLASWAG_ACC_NORM) if k in metrics}
     for column, (key, value) in zip(st.columns(max(len(shown), 1)), shown.items()):
         column.metric(label(key), f"{value:.3f}")

@@ -31,7 +31,13 @@ from src.checkpoint import MODEL_CONFIG, WEIGHTS, CheckpointError, load_model, p
 from src.data.tokenizer import DEFAULT_TOKENIZER, check_vocab_fits
 from src.device import release_freed_memory
 from src.errors import ConfigError
-from src.metrics import is_model_score, variant_pe_name
+from src.metrics import (
+    extrapolation_context_key,
+    extrapolation_loss_key,
+    extrapolation_multiplier,
+    is_model_score,
+    variant_pe_name,
+)
 from src.model import from_hf_gpt2
 from src.model.gpt import GPT
 from src.run_record import RunRecord, variant_record_dir
@@ -75,6 +81,23 @@ class LoadedModel:
             "block_size": cfg.block_size,
             "max_context": self.model.max_context,
         }
+
+    @property
+    def context(self) -> str:
+        """How long an input the model takes: fixed by its PE, or longer, qualified by the losses measured beyond
+        the training context (never a bare "extrapolates"). For the chat, the page and the model card."""
+        info, summary = self.info, self.summary
+        if info["max_context"] is not None:
+            return f"{info['max_context']:,} tokens (fixed by the PE)"
+        measured = sorted(m for key in summary if (m := extrapolation_multiplier(key)) is not None
+                          and key == extrapolation_loss_key(m) and summary[key] is not None)
+        trained = f"trained on {info['block_size']:,} tokens"
+        if not measured:
+            return f"{trained}; the PE takes longer inputs, how well it extrapolates was not measured"
+        losses = ", ".join(f"{summary[extrapolation_loss_key(m)]:.3f} at {m}×"
+                           + (f" ({tokens:,})" if (tokens := summary.get(extrapolation_context_key(m))) else "")
+                           for m in measured)
+        return f"{trained}; the PE takes longer inputs, measured loss {losses} (nats)"
 
     @property
     def metrics(self) -> dict[str, float]:

@@ -58,9 +58,8 @@ def model_spec(args: argparse.Namespace) -> str:
 
 def describe(loaded: LoadedModel) -> str:
     info = loaded.info
-    context = info["max_context"] or f"{info['block_size']} (trained; extrapolates)"
     line = (f"{loaded.spec}: pe={info['pe']} attention={info['attention']} params={info['num_params']:,} "
-            f"context={context} tokenizer={loaded.tokenizer}")
+            f"tokenizer={loaded.tokenizer} context: {loaded.context}")
     if VAL_LOSS in loaded.metrics:
         line += f" {VAL_LOSS}={loaded.metrics[VAL_LOSS]:.3f}"
     return line + f" (loaded in {loaded.load_seconds:.1f} s)"

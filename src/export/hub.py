@@ -37,7 +37,6 @@ from src.metrics import (
     TOKENS,
     VAL_LOSS,
     extrapolation_context_key,
-    extrapolation_loss_key,
     extrapolation_multiplier,
     label,
 )
@@ -72,22 +71,6 @@ def _card_order(metric: str) -> tuple:
 
 def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"| {key} | {value} |" for key, value in rows)
-
-
-def context_row(loaded: LoadedModel) -> str:
-    """The card's context: fixed by the PE, or "extrapolates" qualified by the losses measured beyond training."""
-    info, summary = loaded.info, loaded.summary
-    if info["max_context"] is not None:
-        return f"{info['max_context']:,} tokens (fixed by the PE)"
-    measured = sorted(m for key in summary if (m := extrapolation_multiplier(key)) is not None
-                      and key == extrapolation_loss_key(m) and summary[key] is not None)
-    trained = f"trained on {info['block_size']:,} tokens"
-    if not measured:
-        return f"{trained}; the PE takes longer inputs, how well it extrapolates was not measured"
-    losses = ", ".join(f"{summary[extrapolation_loss_key(m)]:.3f} at {m}×"
-                       + (f" ({summary[extrapolation_context_key(m)]:,})" if summary.get(extrapolation_context_key(m))
-                          else "") for m in measured)
-    return f"{trained}; the PE takes longer inputs, measured loss {losses} (nats)"
 
 
 def training_data(config: dict[str, Any]) -> str | None:
@@ -126,7 +109,7 @@ def card_rows(loaded: LoadedModel, config: dict[str, Any] | None = None) -> list
         ("attention", info["attention"]),
         ("parameters", f"{info['num_params']:,}"),
         ("layers / heads / width", f"{info['n_layer']} / {info['n_head']} / {info['n_embd']}"),
-        ("context", context_row(loaded)),
+        ("context", loaded.context),
         ("tokenizer", loaded.tokenizer),
     ]
     if (data := training_data(config)) is not None:
