@@ -17,6 +17,7 @@ from pathlib import Path
 
 from analysis.report import write_report
 from analysis.sources import WandbUnavailable, combine, load_local, load_wandb
+from analysis.tables import n_runs
 
 DEFAULT_RUNS = "outputs"
 DEFAULT_OUT = "outputs/report"  # under outputs/: git-ignored, and holds no run record to pick up
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     report = write_report(tables, args.out, sources)
-    print(f"{len(tables.runs)} runs -> {report}")
+    print(f"{n_runs(len(tables.runs))} -> {report}")
     return 0
 
 

@@ -17,6 +17,7 @@ from analysis.tables import (
     efficiency_table,
     full_caption,
     loss_table,
+    n_runs,
     paper_markdown,
     status_counts,
     write_paper_table,
@@ -98,7 +99,7 @@ def write_report(tables: Tables, out_dir: Path, sources: list[str]) -> Path:
                 "setting)") if variants else ""
     lines = [
         "# pegrid: PE × attention comparison", "",
-        f"Sources: {', '.join(sources)}. {len(runs)} runs ({status_counts(runs['status'])}{of_which}).", "",
+        f"Sources: {', '.join(sources)}. {n_runs(len(runs))} ({status_counts(runs['status'])}{of_which}).", "",
         *warnings(paper[0]),
         "## Set-up", "", *setup_lines(runs), "",
         "## Results", "",

@@ -90,6 +90,11 @@ def with_deltas(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.assign(**{run_metrics.extrapolation_delta_key(m): runs[loss(m)] - runs[base] for m in longer})
 
 
+def n_runs(count: int) -> str:
+    """"1 run", "3 runs"."""
+    return f"{count} run" if count == 1 else f"{count} runs"
+
+
 def status_counts(statuses: pd.Series) -> str:
     counts = statuses.value_counts()
     return ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)

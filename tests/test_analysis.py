@@ -564,3 +564,8 @@ def test_cli_without_wandb_login_fails_in_one_line(tmp_path, monkeypatch, capsys
     assert compare.main(["--wandb", "team/pegrid", "--cache", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: cannot read W&B project") and "--runs DIR" in error
+
+
+def test_run_counts_read_as_english():
+    assert [tables.n_runs(n) for n in (0, 1, 2)] == ["0 runs", "1 run", "2 runs"]
+    assert tables.status_counts(pd.Series(["failed", "finished", "finished"])) == "2 finished, 1 failed"
