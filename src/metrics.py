@@ -123,6 +123,14 @@ def label(metric: str, context: int | None = None) -> str:
     return LABELS.get(metric, metric)
 
 
+def label_in(metric: str, values: dict) -> str:
+    """`label(metric)` with, for an extrapolation loss, the context it was measured at, read from the same record
+    (`values`: a summary or an evaluation row holding `extrapolation_context_key(m)`)."""
+    multiplier = extrapolation_multiplier(metric)
+    context = values.get(extrapolation_context_key(multiplier)) if multiplier is not None else None
+    return label(metric, int(context) if isinstance(context, int | float) else None)
+
+
 # The final figures a trained model is presented with (model card, terminal chat, Streamlit page), besides the
 # extrapolation losses: validation loss first, the figure the grid is compared on.
 MODEL_SCORES = (VAL_LOSS, TRAIN_LOSS, HELLASWAG_ACC_NORM, HELLASWAG_ACC)

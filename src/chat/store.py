@@ -34,7 +34,7 @@ from src.errors import ConfigError
 from src.metrics import (
     extrapolation_context_key,
     extrapolation_loss_key,
-    extrapolation_multiplier,
+    extrapolation_multipliers,
     is_model_score,
     variant_pe_name,
 )
@@ -86,12 +86,11 @@ class LoadedModel:
     def context(self) -> str:
         """How long an input the model takes: fixed by its PE, or longer, qualified by the losses measured beyond
         the training context (never a bare "extrapolates"). For the chat, the page and the model card."""
-        info, summary = self.info, self.summary
-        if info["max_context"] is not None:
-            return f"{info['max_context']:,} tokens (fixed by the PE)"
-        measured = sorted(m for key in summary if (m := extrapolation_multiplier(key)) is not None
-                          and key == extrapolation_loss_key(m) and summary[key] is not None)
-        trained = f"trained on {info['block_size']:,} tokens"
+        summary = self.summary
+        if self.model.max_context is not None:
+            return f"{self.model.max_context:,} tokens (fixed by the PE)"
+        measured = [m for m in extrapolation_multipliers(summary) if summary[extrapolation_loss_key(m)] is not None]
+        trained = f"trained on {self.model.config.block_size:,} tokens"
         if not measured:
             return f"{trained}; the PE takes longer inputs, how well it extrapolates was not measured"
         losses = ", ".join(f"{summary[extrapolation_loss_key(m)]:.3f} at {m}×"

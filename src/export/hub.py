@@ -36,9 +36,8 @@ from src.metrics import (
     STEP,
     TOKENS,
     VAL_LOSS,
-    extrapolation_context_key,
     extrapolation_multiplier,
-    label,
+    label_in,
 )
 from src.model import ATTENTION_REGISTRY, PE_REGISTRY
 from src.structured import nested_get
@@ -123,9 +122,7 @@ def card_rows(loaded: LoadedModel, config: dict[str, Any] | None = None) -> list
     if (budgets := eval_budgets(config)) is not None:
         rows.append(("eval budgets", budgets))
     for key in sorted(loaded.metrics, key=_card_order):
-        multiplier = extrapolation_multiplier(key)
-        measured_at = summary.get(extrapolation_context_key(multiplier)) if multiplier is not None else None
-        rows.append((label(key, context=measured_at), f"{loaded.metrics[key]:.4f}"))
+        rows.append((label_in(key, summary), f"{loaded.metrics[key]:.4f}"))
     return rows
 
 

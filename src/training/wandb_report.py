@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from src.metrics import STEP, VAL_LOSS, WANDB_STEP, extrapolation_context_key, extrapolation_multiplier, label
+from src.metrics import STEP, VAL_LOSS, WANDB_STEP, label_in
 from src.run_record import RunRecord
 
 log = logging.getLogger(__name__)
@@ -69,13 +69,8 @@ def final_evaluation(run_dir: Path) -> dict[str, Any]:
 
 def eval_table_rows(metrics: dict[str, Any]) -> list[list]:
     """[metric, label, value] per metric; an extrapolation loss's label names the context it was measured at."""
-    rows = []
-    for metric, value in metrics.items():
-        multiplier = extrapolation_multiplier(metric)
-        context = metrics.get(extrapolation_context_key(multiplier)) if multiplier is not None else None
-        rows.append([metric, label(metric, int(context) if isinstance(context, int | float) else None),
-                     None if value is None else float(value)])
-    return rows
+    return [[metric, label_in(metric, metrics), None if value is None else float(value)]
+            for metric, value in metrics.items()]
 
 
 def _reason(err: Exception) -> str:
